@@ -1,0 +1,187 @@
+"""API errors and the DRF exception handler that renders them.
+
+Every error leaves the proxy in one envelope, the one OpenAI's SDKs parse:
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+import logging
+import math
+
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import set_rollback
+
+from keys.authentication import INVALID_KEY_MESSAGE
+
+logger = logging.getLogger(__name__)
+
+
+class ProxyError(exceptions.APIException):
+    """An error with a status, a full-sentence message and a stable code."""
+
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    default_detail = "The proxy failed to handle the request."
+    default_code = "internal_error"
+    error_type = "server_error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        extra: dict | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.param = param
+        self.retry_after = retry_after
+        self.extra = extra or {}
+
+
+class RequestTooLarge(ProxyError):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is larger than the proxy accepts."
+    default_code = "request_too_large"
+    error_type = "invalid_request_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status_code = status.HTTP_504_GATEWAY_TIMEOUT
+    default_detail = "The upstream service did not answer in time. Try again later."
+    default_code = "upstream_timeout"
+
+
+class UpstreamError(ProxyError):
+    status_code = status.HTTP_502_BAD_GATEWAY
+    default_detail = "The upstream service failed to answer. Try again later."
+    default_code = "upstream_error"
+
+
+class UpstreamRateLimited(ProxyError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = (
+        "The proxy's upstream account is over its rate limit. "
+        "Retry after the time in the Retry-After header."
+    )
+    default_code = "upstream_rate_limited"
+
+
+class UpstreamMisconfigured(ProxyError):
+    status_code = status.HTTP_502_BAD_GATEWAY
+    default_detail = (
+        "The proxy is not configured correctly for its upstream service. "
+        "Contact the proxy's operator."
+    )
+    default_code = "upstream_misconfigured"
+
+
+class UpstreamRejectedRequest(ProxyError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = (
+        "The upstream service rejected the request, for example because the "
+        "prompt is too long for the model or the model does not exist."
+    )
+    default_code = "upstream_rejected_request"
+    error_type = "invalid_request_error"
+
+
+# DRF's own exceptions, translated to the proxy's codes and sentences.
+_DRF_CODES: dict[type[exceptions.APIException], tuple[str, str]] = {
+    exceptions.ParseError: ("invalid_json", "invalid_request_error"),
+    exceptions.UnsupportedMediaType: (
+        "unsupported_media_type",
+        "invalid_request_error",
+    ),
+    exceptions.MethodNotAllowed: ("method_not_allowed", "invalid_request_error"),
+    exceptions.NotAcceptable: ("not_acceptable", "invalid_request_error"),
+    exceptions.NotFound: ("not_found", "invalid_request_error"),
+    exceptions.Throttled: ("rate_limit_exceeded", "rate_limit_error"),
+}
+_AUTH_FAILURES = (
+    exceptions.NotAuthenticated,
+    exceptions.AuthenticationFailed,
+    exceptions.PermissionDenied,
+)
+
+
+def error_body(
+    message: str, *, code: str, error_type: str, param: str | None = None, **extra
+) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": error_type,
+            "param": param,
+            "code": code,
+            **extra,
+        }
+    }
+
+
+def _first_validation_error(detail) -> tuple[str | None, str]:
+    """Return the first (field, message) of a ValidationError's detail."""
+    if isinstance(detail, dict):
+        field, errors = next(iter(detail.items()))
+        _, message = _first_validation_error(errors)
+        if field == "non_field_errors":
+            return None, message
+        return field, message
+    if isinstance(detail, list) and detail:
+        return _first_validation_error(detail[0])
+    return None, str(detail)
+
+
+def _envelope_for(exc: exceptions.APIException) -> tuple[dict, dict]:
+    """Return the error body and extra headers for a DRF exception."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, ProxyError):
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        body = error_body(
+            str(exc.detail),
+            code=exc.default_code,
+            error_type=exc.error_type,
+            param=exc.param,
+            **exc.extra,
+        )
+        return body, headers
+    if isinstance(exc, exceptions.ValidationError):
+        field, message = _first_validation_error(exc.detail)
+        if field is not None:
+            message = f"{field}: {message}"
+        body = error_body(
+            message,
+            code="invalid_request",
+            error_type="invalid_request_error",
+            param=field,
+        )
+        return body, headers
+    if isinstance(exc, _AUTH_FAILURES):
+        body = error_body(
+            INVALID_KEY_MESSAGE,
+            code="invalid_api_key",
+            error_type="invalid_request_error",
+        )
+        return body, headers
+    code, error_type = _DRF_CODES.get(type(exc), ("invalid_request", "server_error"))
+    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.wait)))
+    return error_body(str(exc.detail), code=code, error_type=error_type), headers
+
+
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    """Render any DRF exception, and Django's 404, in the proxy's error envelope."""
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    if not isinstance(exc, exceptions.APIException):
+        return None
+    body, headers = _envelope_for(exc)
+    status_code = exc.status_code
+    if isinstance(exc, _AUTH_FAILURES) and status_code == status.HTTP_401_UNAUTHORIZED:
+        # DRF answers 401 only when the authenticator names a WWW-Authenticate
+        # scheme; it sets that header itself.
+        headers["WWW-Authenticate"] = getattr(exc, "auth_header", None) or "Bearer"
+    response = Response(body, status=status_code, headers=headers)
+    set_rollback()
+    return response

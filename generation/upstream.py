@@ -1,0 +1,142 @@
+"""The process-wide openai client, and the map from its errors to API errors."""
+
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import openai
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .errors import (
+    ProxyError,
+    UpstreamError,
+    UpstreamMisconfigured,
+    UpstreamRateLimited,
+    UpstreamRejectedRequest,
+    UpstreamTimeout,
+)
+
+logger = logging.getLogger(__name__)
+
+_client: openai.OpenAI | None = None
+_client_lock = threading.Lock()
+_CLIENT_SETTINGS = {
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "PROXY_UPSTREAM_TIMEOUT",
+    "PROXY_UPSTREAM_MAX_RETRIES",
+}
+# Anything shaped like an API key, such as the masked key that OpenAI quotes
+# back in a 401 message, is cut from upstream text before it is logged.
+_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9*_\-]{4,}")
+# Used when a rate-limited upstream sends no Retry-After of its own.
+DEFAULT_UPSTREAM_RETRY_AFTER = 1.0
+
+
+def get_client() -> openai.OpenAI:
+    """Return the process's openai client, creating it on first use."""
+    global _client
+    if _client is not None:
+        return _client
+    with _client_lock:
+        if _client is None:
+            if not settings.OPENAI_API_KEY:
+                logger.error(
+                    "OPENAI_API_KEY is not set; the upstream cannot be called."
+                )
+                raise UpstreamMisconfigured()
+            _client = openai.OpenAI(
+                api_key=settings.OPENAI_API_KEY,
+                base_url=settings.OPENAI_BASE_URL,
+                timeout=settings.PROXY_UPSTREAM_TIMEOUT,
+                max_retries=settings.PROXY_UPSTREAM_MAX_RETRIES,
+            )
+        return _client
+
+
+def reset_client() -> None:
+    """Drop the client so the next call builds one from the current settings."""
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+        _client = None
+
+
+@receiver(setting_changed)
+def _reset_client_on_setting_change(setting: str, **kwargs) -> None:
+    if setting in _CLIENT_SETTINGS:
+        reset_client()
+
+
+def redact(text: str) -> str:
+    if settings.OPENAI_API_KEY:
+        text = text.replace(settings.OPENAI_API_KEY, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)
+
+
+def _retry_after(exc: openai.APIStatusError) -> float:
+    headers = exc.response.headers
+    try:
+        if "retry-after-ms" in headers:
+            return float(headers["retry-after-ms"]) / 1000
+        if "retry-after" in headers:
+            return float(headers["retry-after"])
+    except ValueError:
+        pass
+    return DEFAULT_UPSTREAM_RETRY_AFTER
+
+
+def translate_error(exc: openai.OpenAIError) -> ProxyError:
+    """Map an openai exception to the API error the client receives.
+
+    The upstream's own message, host and key stay in the proxy's log (the
+    message) or nowhere (host and key); the client gets a fixed sentence.
+    """
+    if isinstance(exc, openai.APITimeoutError):
+        logger.warning("Upstream timed out.")
+        return UpstreamTimeout()
+    if isinstance(exc, openai.APIConnectionError):
+        logger.warning("Upstream connection failed: %s", type(exc.__cause__).__name__)
+        return UpstreamError()
+    if not isinstance(exc, openai.APIStatusError):
+        logger.error("Upstream answer could not be read: %s", type(exc).__name__)
+        return UpstreamError()
+    status = exc.status_code
+    upstream_id = exc.request_id or "-"
+    if isinstance(exc, openai.RateLimitError):
+        logger.warning("Upstream rate-limited the proxy (upstream id %s).", upstream_id)
+        return UpstreamRateLimited(retry_after=_retry_after(exc))
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        logger.error(
+            "Upstream rejected the proxy's credentials with %s (upstream id %s): %s",
+            status,
+            upstream_id,
+            redact(exc.message),
+        )
+        return UpstreamMisconfigured()
+    if 400 <= status < 500:
+        logger.info(
+            "Upstream rejected the request with %s: %s", status, redact(exc.message)
+        )
+        return UpstreamRejectedRequest()
+    logger.warning("Upstream failed with %s (upstream id %s).", status, upstream_id)
+    return UpstreamError()
+
+
+@contextmanager
+def upstream_errors() -> Iterator[None]:
+    """Turn any failure of an upstream call inside the block into a ProxyError."""
+    try:
+        yield
+    except openai.OpenAIError as exc:
+        raise translate_error(exc) from exc
+    except ValueError as exc:
+        # The openai client raises JSONDecodeError or pydantic's ValidationError,
+        # both ValueErrors, for a 200 reply whose body is not a valid completion.
+        logger.error("Upstream reply could not be parsed: %s", type(exc).__name__)
+        raise UpstreamError() from exc

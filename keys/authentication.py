@@ -1,0 +1,57 @@
+"""DRF authentication by proxy API key, sent in `x-api-key` or as a Bearer token."""
+
+from rest_framework import authentication, exceptions, permissions
+from rest_framework.request import Request
+
+from proxy_site.middleware import key_prefix_var
+
+from .models import APIKey
+from .services import find_usable_key
+
+INVALID_KEY_MESSAGE = "The API key is missing or invalid."
+
+
+def _read_key(request: Request) -> str | None:
+    header_key = request.headers.get("x-api-key")
+    if header_key:
+        return header_key.strip()
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+class APIKeyAuthentication(authentication.BaseAuthentication):
+    """Authenticate a request by its proxy API key.
+
+    Every kind of failure (malformed, unknown, revoked, expired) raises the same
+    error, so a client cannot learn which part of a key was wrong. A failure
+    answers 403 because `authenticate_header` returns nothing.
+    """
+
+    def authenticate(self, request: Request) -> tuple[None, APIKey] | None:
+        raw_key = _read_key(request)
+        if raw_key is None:
+            return None
+        api_key = find_usable_key(raw_key)
+        if api_key is None:
+            raise exceptions.AuthenticationFailed(
+                INVALID_KEY_MESSAGE, code="invalid_api_key"
+            )
+        key_prefix_var.set(api_key.prefix)
+        return (None, api_key)
+
+
+class BearerAPIKeyAuthentication(APIKeyAuthentication):
+    """The same check, answering 401 with `WWW-Authenticate: Bearer`."""
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="api"'
+
+
+class HasAPIKey(permissions.BasePermission):
+    message = INVALID_KEY_MESSAGE
+    code = "invalid_api_key"
+
+    def has_permission(self, request: Request, view) -> bool:
+        return isinstance(request.auth, APIKey)

@@ -1,0 +1,377 @@
+import json
+import logging
+
+import pytest
+from django.conf import settings
+
+from tests.factories import make_key, make_tier
+from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
+
+pytestmark = pytest.mark.django_db
+
+URL = "/generate-text/"
+
+
+def post(client, body, *, key=None, header="x-api-key", **extra):
+    headers = {}
+    if key is not None:
+        if header == "x-api-key":
+            headers["x-api-key"] = key
+        else:
+            headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    content_type = extra.pop("content_type", "application/json")
+    return client.post(URL, data, content_type=content_type, headers=headers, **extra)
+
+
+def test_generation_returns_upstream_text(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "tell me a joke"}, key=raw_key)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["text"] == "echo: tell me a joke"
+    assert body["model"] == settings.PROXY_DEFAULT_MODEL
+    assert body["usage"]["prompt_tokens"] == 4
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+def test_upstream_receives_prompt_and_upstream_key(api_client, upstream):
+    _, raw_key = make_key()
+    post(api_client, {"prompt": "hello there", "system": "be brief"}, key=raw_key)
+    [received] = upstream.requests
+    assert received.path == "/v1/chat/completions"
+    assert received.headers["Authorization"] == f"Bearer {settings.OPENAI_API_KEY}"
+    assert raw_key not in received.body.decode()
+    assert raw_key not in str(dict(received.headers))
+    assert received.json["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+    ]
+
+
+def test_bearer_header_is_accepted(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key, header="bearer")
+    assert response.status_code == 200
+
+
+def test_optional_fields_are_forwarded(api_client, upstream):
+    _, raw_key = make_key()
+    body = {"prompt": "hi", "model": "gpt-4o", "max_tokens": 7, "temperature": 0.5}
+    response = post(api_client, body, key=raw_key)
+    assert response.status_code == 200
+    assert response.json()["model"] == "gpt-4o"
+    sent = upstream.requests[0].json
+    assert sent["model"] == "gpt-4o"
+    assert sent["max_tokens"] == 7
+    assert sent["temperature"] == 0.5
+
+
+def test_tier_default_model_is_used(api_client, upstream):
+    _, raw_key = make_key(tier=make_tier("fancy", default_model="gpt-4o"))
+    post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert upstream.requests[0].json["model"] == "gpt-4o"
+
+
+def test_response_carries_request_id(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert len(response["X-Request-ID"]) == 32
+
+
+def test_sane_client_request_id_is_kept(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client, {"prompt": "hi"}, key=raw_key, HTTP_X_REQUEST_ID="trace-42"
+    )
+    assert response["X-Request-ID"] == "trace-42"
+
+
+def test_unsafe_client_request_id_is_replaced(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client, {"prompt": "hi"}, key=raw_key, HTTP_X_REQUEST_ID="bad id\nx"
+    )
+    assert response["X-Request-ID"] != "bad id\nx"
+    assert len(response["X-Request-ID"]) == 32
+
+
+def test_request_id_is_in_log_line(api_client, upstream, caplog):
+    _, raw_key = make_key()
+    with caplog.at_level(logging.INFO):
+        response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    request_id = response["X-Request-ID"]
+    access = [r for r in caplog.records if r.name == "proxy.access"]
+    assert len(access) == 1
+    assert access[0].request_id == request_id
+    assert "200" in access[0].getMessage()
+
+
+# Every way a key can be wrong gets the same 403 and the same message.
+def _revoked_key():
+    from keys.services import revoke_key
+
+    api_key, raw_key = make_key()
+    revoke_key(api_key=api_key)
+    return raw_key
+
+
+def _expired_key():
+    import datetime
+
+    from django.utils import timezone
+
+    api_key, raw_key = make_key()
+    api_key.expires_at = timezone.now() - datetime.timedelta(minutes=1)
+    api_key.save()
+    return raw_key
+
+
+BAD_KEYS = [
+    pytest.param(lambda: None, id="missing"),
+    pytest.param(lambda: "not-a-key", id="malformed"),
+    pytest.param(lambda: "sk-AAAAAAAA-" + "B" * 40, id="unknown"),
+    pytest.param(lambda: make_key()[1][:-1] + "#", id="wrong-secret-charset"),
+    pytest.param(lambda: make_key()[1][:-2] + "zz", id="wrong-secret"),
+    pytest.param(_revoked_key, id="revoked"),
+    pytest.param(_expired_key, id="expired"),
+]
+
+
+@pytest.mark.parametrize("bad_key", BAD_KEYS)
+@pytest.mark.parametrize("header", ["x-api-key", "bearer"])
+def test_bad_key_is_denied_uniformly(api_client, upstream, bad_key, header):
+    response = post(api_client, {"prompt": "hi"}, key=bad_key(), header=header)
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": {
+            "message": "The API key is missing or invalid.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    assert upstream.requests == []
+
+
+BAD_INPUTS = [
+    pytest.param({}, "prompt", id="missing-prompt"),
+    pytest.param({"prompt": ""}, "prompt", id="empty-prompt"),
+    pytest.param({"prompt": "   "}, "prompt", id="blank-prompt"),
+    pytest.param({"prompt": 42}, "prompt", id="prompt-number"),
+    pytest.param({"prompt": ["a"]}, "prompt", id="prompt-list"),
+    pytest.param({"prompt": None}, "prompt", id="prompt-null"),
+    pytest.param({"prompt": "hi", "model": 3}, "model", id="model-number"),
+    pytest.param(
+        {"prompt": "hi", "max_tokens": "5"}, "max_tokens", id="max-tokens-string"
+    ),
+    pytest.param({"prompt": "hi", "max_tokens": 0}, "max_tokens", id="max-tokens-zero"),
+    pytest.param(
+        {"prompt": "hi", "max_tokens": True}, "max_tokens", id="max-tokens-bool"
+    ),
+    pytest.param(
+        {"prompt": "hi", "max_tokens": 1.5}, "max_tokens", id="max-tokens-float"
+    ),
+    pytest.param(
+        {"prompt": "hi", "temperature": 3}, "temperature", id="temperature-high"
+    ),
+    pytest.param(
+        {"prompt": "hi", "temperature": "hot"}, "temperature", id="temperature-string"
+    ),
+    pytest.param({"prompt": "hi", "system": 1}, "system", id="system-number"),
+    pytest.param({"prompt": "hi", "promt": "typo"}, "promt", id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_INPUTS)
+def test_bad_input_is_rejected(api_client, upstream, body, param):
+    _, raw_key = make_key()
+    response = post(api_client, body, key=raw_key)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["param"] == param
+    assert error["message"].startswith(f"{param}: ")
+    assert upstream.requests == []
+
+
+def test_body_that_is_not_an_object_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, ["prompt"], key=raw_key)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_malformed_json_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, '{"prompt": "hi"', key=raw_key)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_unknown_content_type_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, "prompt=hi", key=raw_key, content_type="text/plain")
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_form_content_type_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client,
+        "prompt=hi",
+        key=raw_key,
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert response.status_code == 415
+
+
+def test_oversized_body_is_rejected(api_client, upstream, settings):
+    settings.PROXY_MAX_REQUEST_BYTES = 100
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "x" * 200}, key=raw_key)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert upstream.requests == []
+
+
+def test_body_at_the_limit_is_accepted(api_client, upstream, settings):
+    body = json.dumps({"prompt": "x" * 50})
+    settings.PROXY_MAX_REQUEST_BYTES = len(body)
+    _, raw_key = make_key()
+    response = post(api_client, body, key=raw_key)
+    assert response.status_code == 200
+
+
+def test_wrong_method_gets_405_with_allow(api_client, upstream):
+    response = api_client.get(URL, HTTP_ACCEPT="application/json")
+    assert response.status_code == 405
+    assert "POST" in response["Allow"]
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_browsable_api_shows_form(api_client):
+    response = api_client.get(URL, HTTP_ACCEPT="text/html")
+    content = response.content.decode()
+    assert response["Content-Type"].startswith("text/html")
+    assert "<form" in content
+    assert "Generate Text" in content
+
+
+UPSTREAM_FAILURES = [
+    pytest.param(Behaviour(delay=5), 504, "upstream_timeout", id="timeout"),
+    pytest.param(
+        Behaviour(close_connection=True), 502, "upstream_error", id="connection-closed"
+    ),
+    pytest.param(Behaviour(status=500), 502, "upstream_error", id="upstream-500"),
+    pytest.param(Behaviour(status=503), 502, "upstream_error", id="upstream-503"),
+    pytest.param(
+        Behaviour(status=200, body=b"not json"), 502, "upstream_error", id="garbage-200"
+    ),
+    pytest.param(
+        Behaviour(status=429, headers={"retry-after": "7"}),
+        503,
+        "upstream_rate_limited",
+        id="upstream-429",
+    ),
+    pytest.param(
+        Behaviour(status=401), 502, "upstream_misconfigured", id="upstream-401"
+    ),
+    pytest.param(
+        Behaviour(status=403), 502, "upstream_misconfigured", id="upstream-403"
+    ),
+    pytest.param(
+        Behaviour(status=400), 400, "upstream_rejected_request", id="upstream-400"
+    ),
+    pytest.param(
+        Behaviour(status=404), 400, "upstream_rejected_request", id="upstream-404"
+    ),
+]
+
+
+@pytest.mark.parametrize(("behaviour", "status", "code"), UPSTREAM_FAILURES)
+def test_upstream_failure_is_mapped(
+    api_client, upstream, settings, behaviour, status, code, caplog
+):
+    settings.PROXY_UPSTREAM_TIMEOUT = 0.5
+    upstream.queue(behaviour)
+    _, raw_key = make_key()
+    with caplog.at_level(logging.DEBUG):
+        response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    text = response.content.decode() + str(response.headers)
+    assert INTERNAL_DETAIL not in text
+    assert "127.0.0.1" not in text
+    assert settings.OPENAI_API_KEY not in text
+    assert settings.OPENAI_API_KEY not in caplog.text
+
+
+def test_upstream_rate_limit_passes_retry_after(api_client, upstream):
+    upstream.queue(Behaviour(status=429, headers={"retry-after": "7"}))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response["Retry-After"] == "7"
+
+
+def test_upstream_credential_failure_is_logged_as_error(api_client, upstream, caplog):
+    upstream.queue(Behaviour(status=401))
+    _, raw_key = make_key()
+    with caplog.at_level(logging.INFO):
+        post(api_client, {"prompt": "hi"}, key=raw_key)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "credentials" in errors[0].getMessage()
+
+
+def test_upstream_unreachable_is_502(api_client, settings):
+    settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+def test_missing_upstream_key_is_a_clear_error(api_client, upstream, settings, caplog):
+    settings.OPENAI_API_KEY = ""
+    _, raw_key = make_key()
+    with caplog.at_level(logging.ERROR):
+        response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_misconfigured"
+    assert "OPENAI_API_KEY is not set" in caplog.text
+    assert upstream.requests == []
+
+
+def test_no_response_or_log_contains_upstream_key(
+    api_client, upstream, settings, caplog
+):
+    _, raw_key = make_key()
+    quoted_key = f"Incorrect API key provided: {settings.OPENAI_API_KEY}"
+    with caplog.at_level(logging.DEBUG):
+        ok = post(api_client, {"prompt": "hi"}, key=raw_key)
+        upstream.queue(
+            Behaviour(
+                status=401,
+                body={
+                    "error": {
+                        "message": quoted_key,
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
+        )
+        failed = post(api_client, {"prompt": "hi"}, key=raw_key)
+    for response in (ok, failed):
+        assert settings.OPENAI_API_KEY not in response.content.decode()
+        assert settings.OPENAI_API_KEY not in str(response.headers)
+    assert settings.OPENAI_API_KEY not in caplog.text
+    assert raw_key not in caplog.text
+
+
+def test_healthz_needs_no_key(api_client):
+    response = api_client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
