@@ -5,7 +5,7 @@ import io
 from django.conf import settings
 from rest_framework.parsers import JSONParser
 
-from .errors import RequestTooLarge
+from proxy_site.errors import RequestTooLarge
 
 
 class LimitedJSONParser(JSONParser):

@@ -1,19 +1,14 @@
-"""Text generation: build the upstream request, call it, shape the result."""
+"""Text generation: apply the tier's rules, call the upstream, record usage."""
 
-from django.conf import settings
-
-from keys.models import APIKey
-
+from .policy import prepare_chat
+from .tokens import count_text_tokens
 from .upstream import get_client, upstream_errors
-
-
-def resolve_model(*, api_key: APIKey, requested: str | None) -> str:
-    return requested or api_key.tier.default_model or settings.PROXY_DEFAULT_MODEL
+from .usage import UsageTracker
 
 
 def generate_text(
     *,
-    api_key: APIKey,
+    tracker: UsageTracker,
     prompt: str,
     model: str | None = None,
     system: str | None = None,
@@ -22,33 +17,52 @@ def generate_text(
 ) -> dict:
     """Send one prompt to the upstream chat completions API and return its text.
 
-    Raises a ProxyError subclass for every upstream failure.
+    Raises a ProxyError subclass when a rule, the quota or the upstream stops
+    the request; the tracker records the outcome either way.
     """
     messages = []
     if system:
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
+    chat = prepare_chat(
+        tier=tracker.api_key.tier,
+        messages=messages,
+        model=model,
+        max_tokens=max_tokens,
+    )
+    tracker.reserve(chat)
+
     options = {}
-    if max_tokens is not None:
-        options["max_tokens"] = max_tokens
     if temperature is not None:
         options["temperature"] = temperature
-    model_name = resolve_model(api_key=api_key, requested=model)
-
-    client = get_client()
     with upstream_errors():
-        completion = client.chat.completions.create(
-            model=model_name, messages=messages, **options
+        completion = tracker.call_upstream(
+            lambda: get_client().chat.completions.create(
+                model=chat.model,
+                messages=chat.messages,
+                # NOTE: OpenAI's reasoning models take max_completion_tokens
+                # instead; most OpenAI-compatible servers know only max_tokens.
+                max_tokens=chat.max_tokens,
+                **options,
+            )
         )
 
     choice = completion.choices[0] if completion.choices else None
-    usage = completion.usage
+    text = (choice.message.content if choice else None) or ""
+    if completion.usage is not None:
+        prompt_tokens = completion.usage.prompt_tokens
+        completion_tokens = completion.usage.completion_tokens
+    else:
+        # Some OpenAI-compatible servers report no usage; count it here.
+        prompt_tokens = chat.prompt_tokens
+        completion_tokens = count_text_tokens(chat.model, text)
+    tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     return {
-        "text": (choice.message.content if choice else None) or "",
-        "model": completion.model or model_name,
+        "text": text,
+        "model": completion.model or chat.model,
         "usage": {
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
-            "total_tokens": usage.total_tokens if usage else 0,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         },
     }

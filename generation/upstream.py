@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .errors import (
+from proxy_site.errors import (
     ProxyError,
     UpstreamError,
     UpstreamMisconfigured,

@@ -9,10 +9,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from keys.authentication import APIKeyAuthentication, HasAPIKey
+from keys.ratelimits import enforce_key_rates, rate_limit_headers
 
 from .parsers import LimitedJSONParser
 from .serializers import GenerateTextSerializer
 from .services import generate_text
+from .usage import UsageTracker
 
 
 class KeyHeaderBrowsableAPIRenderer(BrowsableAPIRenderer):
@@ -52,10 +54,26 @@ class GenerateTextView(APIView):
     def get_serializer(self, *args, **kwargs) -> GenerateTextSerializer:
         return GenerateTextSerializer(*args, **kwargs)
 
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        for name, value in getattr(self, "rate_limit_headers", {}).items():
+            response.headers.setdefault(name, value)
+        return response
+
     def post(self, request: Request) -> Response:
-        serializer = self.get_serializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        result = generate_text(api_key=request.auth, **serializer.validated_data)
+        api_key = request.auth
+        tracker = UsageTracker(
+            api_key=api_key,
+            endpoint="generate-text",
+            request_id=request._request.request_id,
+        )
+        # Order: rate limit, then input, then the tier's rules and quota.
+        with tracker:
+            usages = enforce_key_rates(request._request, api_key)
+            self.rate_limit_headers = rate_limit_headers(usages)
+            serializer = self.get_serializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            result = generate_text(tracker=tracker, **serializer.validated_data)
         return Response(result)
 
 

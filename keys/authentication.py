@@ -3,12 +3,12 @@
 from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 
+from proxy_site.errors import INVALID_KEY_MESSAGE
 from proxy_site.middleware import key_prefix_var
 
 from .models import APIKey
+from .ratelimits import check_failed_attempts, record_failed_attempt
 from .services import find_usable_key
-
-INVALID_KEY_MESSAGE = "The API key is missing or invalid."
 
 
 def _read_key(request: Request) -> str | None:
@@ -33,8 +33,12 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
         raw_key = _read_key(request)
         if raw_key is None:
             return None
+        # An address that sent too many wrong keys is refused before its key
+        # is looked at, so that a right guess cannot succeed either.
+        check_failed_attempts(request._request)
         api_key = find_usable_key(raw_key)
         if api_key is None:
+            record_failed_attempt(request._request)
             raise exceptions.AuthenticationFailed(
                 INVALID_KEY_MESSAGE, code="invalid_api_key"
             )

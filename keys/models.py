@@ -4,6 +4,48 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from .validators import split_list, validate_rate_list
+
+
+class PromptRule(models.Model):
+    """A pattern checked against all text a client sends, shared by tiers."""
+
+    class Kind(models.TextChoices):
+        KEYWORD = "keyword", "Keyword (case-insensitive)"
+        REGEX = "regex", "Regular expression (RE2 syntax, case-insensitive)"
+
+    class Action(models.TextChoices):
+        BLOCK = "block", "Block prompts that match"
+        ALLOW = "allow", "Allow only prompts that match (one of the allow rules)"
+
+    name = models.CharField(max_length=128, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.KEYWORD)
+    pattern = models.TextField(
+        help_text="The keyword or regular expression. Matched after Unicode "
+        "normalisation, so look-alike and zero-width characters are folded."
+    )
+    action = models.CharField(
+        max_length=16, choices=Action.choices, default=Action.BLOCK
+    )
+    message = models.CharField(
+        max_length=500,
+        help_text="Shown to the client whose prompt this rule rejects.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_action_display().split()[0].lower()})"
+
+    def clean(self) -> None:
+        from .rules import validate_pattern
+
+        validate_pattern(kind=self.kind, pattern=self.pattern)
+
 
 class Tier(models.Model):
     """A class of API keys that share one set of limits and rules."""
@@ -15,6 +57,60 @@ class Tier(models.Model):
         blank=True,
         help_text="Model used when a request names none. Empty: the proxy's default.",
     )
+    allowed_models = models.TextField(
+        blank=True,
+        help_text="Model names this tier may use, separated by commas or new "
+        "lines. Empty: any model.",
+    )
+    rate_limits = models.CharField(
+        max_length=256,
+        blank=True,
+        validators=[validate_rate_list],
+        help_text="Request rates in django-ratelimit notation, separated by "
+        "commas, e.g. '60/m, 1000/d'. Every one applies. Empty: no rate limit.",
+    )
+    tokens_per_day = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Prompt plus completion tokens per key per UTC day. Empty: no cap.",
+    )
+    tokens_per_month = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Prompt plus completion tokens per key per UTC calendar month. "
+        "Empty: no cap.",
+    )
+    max_prompt_chars = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Longest prompt, in characters, counting all text a request "
+        "sends. Empty: no limit beyond the request size.",
+    )
+    max_tokens_cap = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Largest max_tokens a request may use; larger values are "
+        "lowered to it. Empty: the proxy's PROXY_MAX_TOKENS_CAP.",
+    )
+    default_max_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="max_tokens sent when a request names none. Empty: the cap.",
+    )
+    system_prompt = models.TextField(
+        blank=True,
+        help_text="Prepended as a system message to every request of this tier.",
+    )
+    store_prompts = models.BooleanField(
+        default=False,
+        help_text="Keep the prompt text in usage records. Off: only counts are kept.",
+    )
+    rules = models.ManyToManyField(
+        PromptRule,
+        blank=True,
+        related_name="tiers",
+        help_text="Prompt rules checked for every request of this tier.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -23,6 +119,10 @@ class Tier(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def allowed_model_list(self) -> list[str]:
+        return split_list(self.allowed_models)
 
 
 class APIKeyQuerySet(models.QuerySet):
@@ -50,6 +150,18 @@ class APIKey(models.Model):
         null=True, blank=True, help_text="Empty: the key does not expire."
     )
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    rate_limits = models.CharField(
+        max_length=256,
+        blank=True,
+        validators=[validate_rate_list],
+        help_text="Overrides the tier's request rates when set, e.g. '10/m'.",
+    )
+    tokens_per_day = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Overrides the tier's daily token cap."
+    )
+    tokens_per_month = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Overrides the tier's monthly token cap."
+    )
 
     objects = APIKeyQuerySet.as_manager()
 
@@ -75,6 +187,22 @@ class APIKey(models.Model):
         if self.is_expired():
             return "expired"
         return "active"
+
+    @property
+    def effective_rate_limits(self) -> list[str]:
+        return split_list(self.rate_limits or self.tier.rate_limits)
+
+    @property
+    def effective_tokens_per_day(self) -> int | None:
+        if self.tokens_per_day is not None:
+            return self.tokens_per_day
+        return self.tier.tokens_per_day
+
+    @property
+    def effective_tokens_per_month(self) -> int | None:
+        if self.tokens_per_month is not None:
+            return self.tokens_per_month
+        return self.tier.tokens_per_month
 
     def save(self, *args, **kwargs) -> None:
         # Revocation is one-way: a key that was revoked in the database stays so.

@@ -1,5 +1,6 @@
 """Django settings for the proxy, read once from the environment and `.env`."""
 
+import ipaddress
 from pathlib import Path
 
 import environ
@@ -95,7 +96,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
-    "EXCEPTION_HANDLER": "generation.errors.exception_handler",
+    "EXCEPTION_HANDLER": "proxy_site.errors.exception_handler",
 }
 
 # The upstream OpenAI-compatible API. The client that calls it is created once
@@ -115,6 +116,31 @@ PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=1_048_576)
 # A key's "last used" time is written at most this often, in seconds, so that
 # a busy key does not cost a database write on every request.
 PROXY_LAST_USED_RESOLUTION = env.int("PROXY_LAST_USED_RESOLUTION", default=60)
+
+# Largest max_tokens a request may use when its tier sets no cap; larger
+# requests are lowered to it. It also bounds the tokens reserved per request.
+PROXY_MAX_TOKENS_CAP = env.int("PROXY_MAX_TOKENS_CAP", default=4096)
+
+# Rate limits. What happens when the cache that holds the counts is down:
+# closed (the default) answers 503 limits_unavailable, open serves unlimited.
+PROXY_LIMITS_FAIL_OPEN = env.bool("PROXY_LIMITS_FAIL_OPEN", default=False)
+# Requests with a wrong API key allowed per client address, in
+# django-ratelimit notation. Empty: no limit.
+PROXY_FAILED_AUTH_RATE = env.str("PROXY_FAILED_AUTH_RATE", default="20/m")
+# Addresses or networks of reverse proxies whose X-Forwarded-For is believed.
+# Empty: the client address is always the socket's peer.
+PROXY_TRUSTED_PROXIES = env.list("PROXY_TRUSTED_PROXIES", default=[])
+for _cidr in PROXY_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_cidr, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(
+            f"PROXY_TRUSTED_PROXIES contains {_cidr!r}, which is not an IP "
+            "address or network such as 10.0.0.0/8."
+        ) from _exc
+RATELIMIT_USE_CACHE = "default"
+# The proxy applies its own failure policy, PROXY_LIMITS_FAIL_OPEN.
+RATELIMIT_FAIL_OPEN = False
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {

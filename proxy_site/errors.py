@@ -4,7 +4,6 @@ Every error leaves the proxy in one envelope, the one OpenAI's SDKs parse:
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
-import logging
 import math
 
 from django.http import Http404
@@ -12,9 +11,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from keys.authentication import INVALID_KEY_MESSAGE
-
-logger = logging.getLogger(__name__)
+INVALID_KEY_MESSAGE = "The API key is missing or invalid."
 
 
 class ProxyError(exceptions.APIException):
@@ -32,17 +29,78 @@ class ProxyError(exceptions.APIException):
         param: str | None = None,
         retry_after: float | None = None,
         extra: dict | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.param = param
         self.retry_after = retry_after
+        # Added to the error body, next to message, type, param and code.
         self.extra = extra or {}
+        # Added to the response, e.g. the rate limit headers.
+        self.headers = headers or {}
 
 
 class RequestTooLarge(ProxyError):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "The request body is larger than the proxy accepts."
     default_code = "request_too_large"
+    error_type = "invalid_request_error"
+
+
+class TooManyFailedAttempts(ProxyError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_detail = (
+        "Too many requests with invalid API keys came from this address. "
+        "Retry after the time in the Retry-After header."
+    )
+    default_code = "too_many_failed_attempts"
+    error_type = "rate_limit_error"
+
+
+class RateLimitExceeded(ProxyError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_detail = (
+        "This API key is over its request rate limit. "
+        "Retry after the time in the Retry-After header."
+    )
+    default_code = "rate_limit_exceeded"
+    error_type = "rate_limit_error"
+
+
+class QuotaExceeded(ProxyError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_detail = "This API key has used up its token quota."
+    default_code = "insufficient_quota"
+    error_type = "insufficient_quota"
+
+
+class LimitsUnavailable(ProxyError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = (
+        "The proxy cannot check rate limits right now, so it is not serving "
+        "requests. Try again shortly."
+    )
+    default_code = "limits_unavailable"
+
+
+class ModelNotAllowed(ProxyError):
+    status_code = status.HTTP_403_FORBIDDEN
+    default_detail = "This API key's tier may not use the requested model."
+    default_code = "model_not_allowed"
+    error_type = "invalid_request_error"
+
+
+class PromptTooLong(ProxyError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = "The prompt is longer than this API key's tier allows."
+    default_code = "prompt_too_long"
+    error_type = "invalid_request_error"
+
+
+class PromptRejected(ProxyError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = "The prompt was rejected by a rule of this API key's tier."
+    default_code = "prompt_rejected"
     error_type = "invalid_request_error"
 
 
@@ -132,10 +190,11 @@ def _first_validation_error(detail) -> tuple[str | None, str]:
     return None, str(detail)
 
 
-def _envelope_for(exc: exceptions.APIException) -> tuple[dict, dict]:
+def envelope_for(exc: exceptions.APIException) -> tuple[dict, dict]:
     """Return the error body and extra headers for a DRF exception."""
     headers: dict[str, str] = {}
     if isinstance(exc, ProxyError):
+        headers.update(exc.headers)
         if exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         body = error_body(
@@ -170,13 +229,19 @@ def _envelope_for(exc: exceptions.APIException) -> tuple[dict, dict]:
     return error_body(str(exc.detail), code=code, error_type=error_type), headers
 
 
+def error_code(exc: exceptions.APIException) -> str:
+    """Return the `code` that the client receives for an exception."""
+    body, _ = envelope_for(exc)
+    return body["error"]["code"]
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """Render any DRF exception, and Django's 404, in the proxy's error envelope."""
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     if not isinstance(exc, exceptions.APIException):
         return None
-    body, headers = _envelope_for(exc)
+    body, headers = envelope_for(exc)
     status_code = exc.status_code
     if isinstance(exc, _AUTH_FAILURES) and status_code == status.HTTP_401_UNAUTHORIZED:
         # DRF answers 401 only when the authenticator names a WWW-Authenticate

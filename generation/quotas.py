@@ -1,0 +1,137 @@
+"""Hard token quotas per key and per UTC day and month.
+
+Before an upstream call the proxy reserves the request's worst case with one
+conditional UPDATE per capped period, so concurrent requests, in any number of
+processes, can never reserve past the cap. When the call ends the reservation
+is settled to the tokens the upstream reported, or released on failure.
+"""
+
+import datetime
+import logging
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from keys.models import APIKey
+from proxy_site.errors import QuotaExceeded
+
+from .models import QuotaCounter
+
+logger = logging.getLogger(__name__)
+
+Period = QuotaCounter.Period
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens held for one request in each capped period's counter."""
+
+    api_key_id: int
+    amount: int
+    # (period, period_start) of every counter the amount was added to.
+    counters: tuple[tuple[str, datetime.date], ...]
+
+
+def period_start(period: str, now: datetime.datetime) -> datetime.date:
+    today = now.astimezone(datetime.UTC).date()
+    return today if period == Period.DAY else today.replace(day=1)
+
+
+def period_end(period: str, now: datetime.datetime) -> datetime.datetime:
+    """Return when the period containing `now` ends (the next one starts), in UTC."""
+    start = period_start(period, now)
+    if period == Period.DAY:
+        end = start + datetime.timedelta(days=1)
+    elif start.month == 12:
+        end = start.replace(year=start.year + 1, month=1)
+    else:
+        end = start.replace(month=start.month + 1)
+    return datetime.datetime.combine(end, datetime.time(), tzinfo=datetime.UTC)
+
+
+def caps(api_key: APIKey) -> list[tuple[str, int]]:
+    """Return (period, cap) for each period in which the key has a cap."""
+    pairs = [
+        (Period.DAY, api_key.effective_tokens_per_day),
+        (Period.MONTH, api_key.effective_tokens_per_month),
+    ]
+    return [(period, cap) for period, cap in pairs if cap is not None]
+
+
+def reserve(*, api_key: APIKey, amount: int) -> Reservation:
+    """Hold `amount` tokens in every capped period, or raise QuotaExceeded.
+
+    Call inside a transaction that also records the request, so that the
+    hold and its usage record are committed together.
+    """
+    now = timezone.now()
+    counters = []
+    with transaction.atomic():
+        for period, cap in caps(api_key):
+            start = period_start(period, now)
+            counter, _ = QuotaCounter.objects.get_or_create(
+                api_key=api_key, period=period, period_start=start
+            )
+            held = (
+                QuotaCounter.objects.filter(pk=counter.pk)
+                .alias(total=F("used") + F("reserved"))
+                .filter(total__lte=cap - amount)
+                .update(reserved=F("reserved") + amount)
+            )
+            if not held:
+                raise _quota_exceeded(counter.pk, period, cap, amount, now)
+            counters.append((period, start))
+    return Reservation(api_key_id=api_key.pk, amount=amount, counters=tuple(counters))
+
+
+def _quota_exceeded(
+    counter_pk: int, period: str, cap: int, amount: int, now: datetime.datetime
+) -> QuotaExceeded:
+    counter = QuotaCounter.objects.get(pk=counter_pk)
+    left = max(0, cap - counter.used - counter.reserved)
+    resets_at = period_end(period, now)
+    label = "daily" if period == Period.DAY else "monthly"
+    return QuotaExceeded(
+        f"This API key's {label} token quota has {left} of {cap} tokens left, "
+        f"and this request may use up to {amount} (prompt plus max_tokens). "
+        f"Lower max_tokens or wait until the quota resets at "
+        f"{resets_at.isoformat()}.",
+        retry_after=(resets_at - now).total_seconds(),
+        extra={"quota_period": period, "quota_resets_at": resets_at.isoformat()},
+    )
+
+
+def settle(reservation: Reservation, *, used_tokens: int) -> None:
+    """Replace a reservation with the tokens really used (0 to release it)."""
+    if not reservation.counters:
+        return
+    with transaction.atomic():
+        for period, start in reservation.counters:
+            QuotaCounter.objects.filter(
+                api_key_id=reservation.api_key_id, period=period, period_start=start
+            ).update(
+                reserved=F("reserved") - reservation.amount,
+                used=F("used") + used_tokens,
+            )
+
+
+def usage_summary(api_key: APIKey) -> list[dict]:
+    """Return, per capped period, the tokens used and reserved against the cap."""
+    now = timezone.now()
+    summary = []
+    for period, cap in caps(api_key):
+        counter = QuotaCounter.objects.filter(
+            api_key=api_key, period=period, period_start=period_start(period, now)
+        ).first()
+        summary.append(
+            {
+                "period": period,
+                "cap": cap,
+                "used": counter.used if counter else 0,
+                "reserved": counter.reserved if counter else 0,
+                "resets_at": period_end(period, now),
+            }
+        )
+    return summary

@@ -1,0 +1,69 @@
+"""Token counts for quota reservations, with OpenAI's own encodings.
+
+The encodings come from bpe-openai, which offers tiktoken's interface and
+ships the encoding files inside its wheel. tiktoken itself downloads them on
+first use, which fails on hosts without outbound network access.
+"""
+
+import functools
+import logging
+
+import bpe_openai
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_ENCODING = "o200k_base"
+# Chat formatting adds a few tokens per message and before the reply; these
+# are the figures OpenAI documents for its chat models.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+
+
+@functools.lru_cache(maxsize=32)
+def _encoding_for(model: str):
+    try:
+        return bpe_openai.encoding_for_model(model)
+    except Exception:  # noqa: BLE001  (any unknown or foreign model name)
+        return _fallback_encoding()
+
+
+@functools.lru_cache(maxsize=1)
+def _fallback_encoding():
+    return bpe_openai.get_encoding(FALLBACK_ENCODING)
+
+
+def count_text_tokens(model: str, text: str) -> int:
+    return len(_encoding_for(model).encode(text))
+
+
+def count_prompt_tokens(model: str, messages: list[dict]) -> int:
+    """Count the tokens a chat request's messages take, as the model sees them.
+
+    Models that are not OpenAI's are counted with o200k_base; the count is
+    then an estimate, and settlement uses the upstream's reported usage.
+    """
+    encoding = _encoding_for(model)
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        for text in message_texts(message):
+            total += len(encoding.encode(text))
+    return total
+
+
+def message_texts(message: dict) -> list[str]:
+    """Return every piece of text in a chat message, whatever its shape."""
+    texts = []
+    content = message.get("content")
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part, str):
+                texts.append(part)
+    name = message.get("name")
+    if isinstance(name, str):
+        texts.append(name)
+    return texts

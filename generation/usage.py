@@ -1,0 +1,101 @@
+"""Usage records: one per authenticated request, kept in step with the quota."""
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from django.db import transaction
+from django.utils import timezone
+from rest_framework.exceptions import APIException
+
+from keys.models import APIKey
+from proxy_site.errors import PromptRejected, error_code
+
+from . import quotas
+from .models import UsageRecord
+from .policy import PreparedChat
+
+Status = UsageRecord.Status
+T = TypeVar("T")
+
+
+class UsageTracker:
+    """Record one request's outcome, and hold and settle its token quota.
+
+    Use it as a context manager around everything after authentication. An
+    exception leaving the block releases any reservation and saves the record
+    as refused (before the upstream call) or failed (from the call on).
+    """
+
+    def __init__(self, *, api_key: APIKey, endpoint: str, request_id: str) -> None:
+        self.api_key = api_key
+        self.record = UsageRecord(
+            api_key=api_key,
+            tier=api_key.tier,
+            endpoint=endpoint,
+            request_id=request_id,
+            status=Status.PENDING,
+        )
+        self.reservation: quotas.Reservation | None = None
+        self.called_upstream = False
+
+    def __enter__(self) -> "UsageTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if exc is None:
+            return False
+        self._release()
+        self.record.status = Status.FAILED if self.called_upstream else Status.REFUSED
+        if isinstance(exc, APIException):
+            self.record.http_status = exc.status_code
+            self.record.reason = error_code(exc)
+        else:
+            self.record.http_status = 500
+            self.record.reason = "internal_error"
+        if isinstance(exc, PromptRejected):
+            self.record.rule_id = exc.extra.get("rule_id")
+        self._save()
+        return False
+
+    def reserve(self, chat: PreparedChat) -> None:
+        """Hold the request's worst case and save the record as in flight."""
+        self.record.model = chat.model
+        if self.api_key.tier.store_prompts:
+            self.record.prompt_text = "\n\n".join(chat.client_texts)
+        amount = chat.worst_case_tokens
+        with transaction.atomic():
+            self.reservation = quotas.reserve(api_key=self.api_key, amount=amount)
+            self.record.reserved_tokens = amount
+            self.record.save()
+
+    def call_upstream(self, call: Callable[[], T]) -> T:
+        """Run the upstream call, timing it for the record."""
+        self.called_upstream = True
+        started = time.monotonic()
+        try:
+            return call()
+        finally:
+            elapsed_ms = (time.monotonic() - started) * 1000
+            self.record.upstream_latency_ms = round(elapsed_ms)
+
+    def succeed(self, *, prompt_tokens: int, completion_tokens: int) -> None:
+        """Settle the reservation to the upstream's usage and close the record."""
+        if self.reservation is not None:
+            used = prompt_tokens + completion_tokens
+            quotas.settle(self.reservation, used_tokens=used)
+            self.reservation = None
+        self.record.status = Status.SUCCEEDED
+        self.record.http_status = 200
+        self.record.prompt_tokens = prompt_tokens
+        self.record.completion_tokens = completion_tokens
+        self._save()
+
+    def _release(self) -> None:
+        if self.reservation is not None:
+            quotas.settle(self.reservation, used_tokens=0)
+            self.reservation = None
+
+    def _save(self) -> None:
+        self.record.settled_at = timezone.now()
+        self.record.save()
