@@ -4,13 +4,20 @@ The view, the `check_prompt` command and the tier's admin page all call
 `prepare_chat`, so an operator's trial run decides exactly as a request would.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 
 from keys.models import PromptRule, Tier
 from keys.rules import check_rules
-from proxy_site.errors import ModelNotAllowed, PromptRejected, PromptTooLong
+from keys.validators import split_list
+from proxy_site.errors import (
+    ModelNotAllowed,
+    PromptRejected,
+    PromptTooLong,
+    ProxyError,
+    QuotaExceeded,
+)
 
 from .tokens import count_prompt_tokens, message_texts
 
@@ -64,10 +71,14 @@ def check_prompt_rules(*, tier: Tier, texts: list[str]) -> None:
     verdict = check_rules(tier_rules(tier), texts)
     if not verdict.allowed:
         rule = verdict.rule
-        raise PromptRejected(
+        error = PromptRejected(
             rule.message if rule else None,
             extra={"rule_id": rule.pk if rule else None},
         )
+        # For operators only: the client sees the rule's message and id.
+        error.rule = rule
+        error.reason = verdict.reason
+        raise error
 
 
 def resolve_max_tokens(*, tier: Tier, requested: int | None) -> int:
@@ -105,3 +116,83 @@ def prepare_chat(
         prompt_tokens=count_prompt_tokens(model_name, upstream_messages),
         client_texts=texts,
     )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the tier's rules decide for a request, for operators trying prompts."""
+
+    allowed: bool
+    # The error code the client would receive, when refused.
+    code: str = ""
+    # The message the client would receive, when refused.
+    message: str = ""
+    # Why, for the operator: the rule or limit that decided.
+    reason: str = ""
+    rule: PromptRule | None = None
+    chat: PreparedChat | None = None
+    limits: list[str] = field(default_factory=list)
+
+
+def tier_limits(tier: Tier) -> list[str]:
+    """Describe the tier's rate limits and token caps in words."""
+    limits = [f"rate limit {rate}" for rate in split_list(tier.rate_limits)]
+    if tier.tokens_per_day is not None:
+        limits.append(f"{tier.tokens_per_day} tokens per day")
+    if tier.tokens_per_month is not None:
+        limits.append(f"{tier.tokens_per_month} tokens per month")
+    return limits
+
+
+def evaluate_prompt(
+    *,
+    tier: Tier,
+    messages: list[dict],
+    model: str | None = None,
+    max_tokens: int | None = None,
+) -> Decision:
+    """Decide a request as the API would, without calling the upstream.
+
+    Runs prepare_chat, then compares the worst case with the tier's token
+    caps as if the key had used nothing yet in the period. Request rates are
+    listed but not counted.
+    """
+    limits = tier_limits(tier)
+    try:
+        chat = prepare_chat(
+            tier=tier, messages=messages, model=model, max_tokens=max_tokens
+        )
+    except ProxyError as exc:
+        return Decision(
+            allowed=False,
+            code=exc.default_code,
+            message=str(exc.detail),
+            reason=getattr(exc, "reason", "") or _reason_for(exc),
+            rule=getattr(exc, "rule", None),
+            limits=limits,
+        )
+    for label, cap in (
+        ("daily", tier.tokens_per_day),
+        ("monthly", tier.tokens_per_month),
+    ):
+        if cap is not None and chat.worst_case_tokens > cap:
+            return Decision(
+                allowed=False,
+                code=QuotaExceeded.default_code,
+                message=str(QuotaExceeded.default_detail),
+                reason=f"the worst case of {chat.worst_case_tokens} tokens is over "
+                f"the {label} cap of {cap}",
+                chat=chat,
+                limits=limits,
+            )
+    return Decision(
+        allowed=True, reason="no rule or limit refused it", chat=chat, limits=limits
+    )
+
+
+def _reason_for(exc: ProxyError) -> str:
+    reasons = {
+        ModelNotAllowed: "the model is not in the tier's allowed models",
+        PromptTooLong: "the prompt is longer than the tier's max_prompt_chars",
+    }
+    return reasons.get(type(exc), exc.default_code)
