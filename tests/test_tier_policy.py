@@ -264,3 +264,34 @@ class TestUsageRecords:
     def test_wrong_key_leaves_no_record(self, api_client, upstream):
         post(api_client, "sk-AAAAAAAA-" + "B" * 40)
         assert not UsageRecord.objects.exists()
+
+
+class TestUsageAdmin:
+    @pytest.fixture
+    def admin_client(self, client):
+        from django.contrib.auth.models import User
+
+        user = User.objects.create_superuser("admin", "a@example.com", "pw-for-tests")
+        client.force_login(user)
+        return client
+
+    def test_records_are_listed_and_filtered(self, admin_client, api_client, upstream):
+        ok_key, ok_raw = make_key(name="ok-key", tier=make_tier("rec"))
+        _, bad_raw = make_key(name="bad-key", tier=make_tier("rec"))
+        post(api_client, ok_raw)
+        post(api_client, bad_raw, prompt="")
+        listed = admin_client.get("/admin/generation/usagerecord/")
+        assert {r.api_key.name for r in listed.context["cl"].result_list} == {
+            "ok-key",
+            "bad-key",
+        }
+        refused = admin_client.get(
+            "/admin/generation/usagerecord/?status__exact=refused"
+        )
+        assert [r.api_key.name for r in refused.context["cl"].result_list] == [
+            "bad-key"
+        ]
+        by_key = admin_client.get(
+            f"/admin/generation/usagerecord/?api_key__id__exact={ok_key.pk}"
+        )
+        assert [r.api_key.name for r in by_key.context["cl"].result_list] == ["ok-key"]
