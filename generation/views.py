@@ -55,6 +55,11 @@ class GenerateTextView(APIView):
         return GenerateTextSerializer(*args, **kwargs)
 
     def finalize_response(self, request, response, *args, **kwargs):
+        if response.status_code == 429:
+            # Limit refusals are JSON even for a browser, so that no client
+            # mistakes them for a page.
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = JSONRenderer.media_type
         response = super().finalize_response(request, response, *args, **kwargs)
         for name, value in getattr(self, "rate_limit_headers", {}).items():
             response.headers.setdefault(name, value)

@@ -124,6 +124,12 @@ class Tier(models.Model):
     def allowed_model_list(self) -> list[str]:
         return split_list(self.allowed_models)
 
+    def save(self, *args, **kwargs) -> None:
+        # Rates are checked on every save, not only in forms, so a tier changed
+        # from the shell cannot hold a rate the limiter would fail on.
+        validate_rate_list(self.rate_limits)
+        super().save(*args, **kwargs)
+
 
 class APIKeyQuerySet(models.QuerySet):
     def usable(self) -> "APIKeyQuerySet":
@@ -205,6 +211,7 @@ class APIKey(models.Model):
         return self.tier.tokens_per_month
 
     def save(self, *args, **kwargs) -> None:
+        validate_rate_list(self.rate_limits)
         # Revocation is one-way: a key that was revoked in the database stays so.
         if self.pk is not None and self.revoked_at is None:
             stored = APIKey.objects.filter(pk=self.pk, revoked_at__isnull=False)

@@ -253,3 +253,19 @@ class TestClientIp:
             "/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR="not-an-ip"
         )
         assert client_ip(request) == "10.0.0.5"
+
+
+def test_refusal_is_json_for_browsers(api_client, upstream, clock):
+    _, raw_key = make_key(tier=make_tier("one", rate_limits="1/m"))
+    post(api_client, raw_key)
+    refused = post(api_client, raw_key, Accept="text/html")
+    assert refused.status_code == 429
+    assert refused["Content-Type"] == "application/json"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_bad_rate_is_rejected_on_save():
+    tier = make_tier("saved")
+    tier.rate_limits = "ten/m"
+    with pytest.raises(ValidationError, match="not a valid rate"):
+        tier.save()
