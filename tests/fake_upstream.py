@@ -58,9 +58,10 @@ class Behaviour:
     """One scripted reply. Fields left at their defaults keep the normal reply.
 
     When ``status`` or ``body`` is set, the reply is that status (200 if unset) with
-    that body in place of the endpoint's reply. ``body`` may be any JSON value, or bytes
-    sent as they are with a JSON content type (for garbage replies). Without ``body``,
-    the reply is an OpenAI error envelope whose message contains INTERNAL_DETAIL.
+    that body in place of the endpoint's reply. ``body`` may be any JSON value except
+    null, or bytes that are sent as they are with a JSON content type (for garbage
+    replies). Without ``body``, the reply is an OpenAI error envelope whose message
+    contains INTERNAL_DETAIL.
     """
 
     status: int | None = None
@@ -154,7 +155,10 @@ def _count_words(text: str) -> int:
 
 
 def _message_text(message: object) -> str:
-    """Return the text of a chat message, joining the text parts of a list content."""
+    """Return the text of a chat message, joining the text parts of a list content.
+
+    The parts are joined with spaces. Non-text parts, such as images, are skipped.
+    """
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str):
         return content
@@ -201,7 +205,8 @@ def _chat_completion(
 ) -> dict[str, Any]:
     """Build the chat.completion object for a valid request.
 
-    ``number`` is the request's position in the recordings and makes the id unique.
+    ``number`` is the request's position in the recordings, so ids are unique until
+    reset().
     """
     text = behaviour.reply_text
     if text is None:
@@ -350,7 +355,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Log nothing, so that test output stays clean."""
+        """Skip the per-request access log, so that test output stays clean."""
 
     def _handle(self) -> None:
         try:
@@ -371,7 +376,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self._reply(request, behaviour, settings, number)
         except ConnectionError as exc:  # the client went away, often on its timeout
-            logger.debug("client of fake upstream disconnected: %r", exc)
+            logger.debug("client %s disconnected: %r", self.client_address, exc)
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
@@ -594,7 +599,7 @@ class FakeUpstream:
     def start(self) -> FakeUpstream:
         """Bind the port and serve requests in a daemon thread."""
         if self._server is not None:
-            raise RuntimeError("FakeUpstream is already running; call stop() first")
+            raise RuntimeError("FakeUpstream is already running. Call stop() first.")
         self._stopping.clear()
         self._server = _Server(self._address, self)
         self._thread = threading.Thread(
@@ -634,7 +639,7 @@ class FakeUpstream:
     def port(self) -> int:
         """Port the server listens on. Raises RuntimeError before start()."""
         if self._server is None:
-            raise RuntimeError("FakeUpstream is not running; call start() first")
+            raise RuntimeError("FakeUpstream is not running. Call start() first.")
         return self._server.server_address[1]
 
     @property
@@ -695,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Run a fake OpenAI-compatible API server for local development.",
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+        "--host",
+        default="127.0.0.1",
+        help="IPv4 address to listen on (default: 127.0.0.1)",
     )
     parser.add_argument(
         "--port", type=int, default=9100, help="port to listen on (default: 9100)"

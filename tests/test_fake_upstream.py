@@ -103,7 +103,7 @@ def test_chat_stream_sends_one_chunk_per_word(client: openai.OpenAI) -> None:
     assert all(chunk.usage is None for chunk in chunks)
 
 
-def test_chat_stream_include_usage_adds_usage_chunk(client: openai.OpenAI) -> None:
+def test_stream_include_usage_adds_chunk(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="gpt-4o-mini",
         messages=HELLO,
@@ -121,7 +121,7 @@ def test_chat_stream_include_usage_adds_usage_chunk(client: openai.OpenAI) -> No
     assert chunks[-1].usage.total_tokens == 5
 
 
-def test_chat_stream_ends_with_done_over_chunked_body(upstream: FakeUpstream) -> None:
+def test_stream_is_chunked_event_stream(upstream: FakeUpstream) -> None:
     body = json.dumps({"model": "gpt-4o", "messages": HELLO, "stream": True})
     connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=1)
     connection.request("POST", "/v1/chat/completions", body=body)
@@ -357,7 +357,7 @@ def test_stream_dropped_midway_raises(
     assert received == ["echo:", " hello"]
 
 
-def test_stream_drop_after_done_leaves_body_incomplete(
+def test_drop_after_done_truncates_body(
     upstream: FakeUpstream, client: openai.OpenAI
 ) -> None:
     drop_after_done = Behaviour(drop_after_chunks=5)  # 3 words, finish, [DONE]
