@@ -1,12 +1,110 @@
-"""Admin pages for tiers and API keys."""
+"""Admin pages for tiers, prompt rules and API keys."""
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.text import Truncator
 
-from .models import APIKey, Tier
+from .models import APIKey, PromptRule, Tier
 from .services import issue_key, revoke_key
+
+
+@admin.register(PromptRule)
+class PromptRuleAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "action", "enabled", "tier_count"]
+    list_filter = ["kind", "action", "enabled"]
+    search_fields = ["name", "pattern", "message"]
+    # Set here because Meta.ordering does not apply to the annotated queryset.
+    ordering = ["name"]
+    fields = [
+        "name",
+        "kind",
+        "pattern",
+        "action",
+        "message",
+        "enabled",
+        "tier_names",
+        "created_at",
+        "updated_at",
+    ]
+    readonly_fields = ["tier_names", "created_at", "updated_at"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        queryset = super().get_queryset(request)
+        return queryset.annotate(tier_count=Count("tiers"))
+
+    @admin.display(description="tiers", ordering="tier_count")
+    def tier_count(self, rule: PromptRule) -> int:
+        return rule.tier_count
+
+    @admin.display(description="used by tiers")
+    def tier_names(self, rule: PromptRule) -> str | None:
+        names = [tier.name for tier in rule.tiers.all()]
+        return ", ".join(names) or None
+
+
+class TierRuleInline(admin.TabularInline):
+    """The tier's prompt rules, one row per attached rule.
+
+    Rules are shared between tiers, so a row attaches or detaches a rule, and
+    the rule's own fields are shown read-only. The pencil and plus icons next to
+    the rule open its form in a pop-up, where it is edited or created with the
+    same validation as on its own page.
+    """
+
+    model = Tier.rules.through
+    extra = 0
+    autocomplete_fields = ["promptrule"]
+    fields = [
+        "promptrule",
+        "rule_kind",
+        "rule_action",
+        "rule_pattern",
+        "rule_enabled",
+        "rule_tier_count",
+    ]
+    readonly_fields = fields[1:]
+    verbose_name = "prompt rule"
+    verbose_name_plural = "prompt rules"
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "promptrule":
+            kwargs["label"] = "Rule"
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        queryset = super().get_queryset(request).select_related("promptrule")
+        queryset = queryset.annotate(rule_tier_count=Count("promptrule__tiers"))
+        return queryset.order_by("promptrule__name")
+
+    @admin.display(description="kind")
+    def rule_kind(self, link) -> str | None:
+        if link.promptrule_id is None:
+            return None
+        return link.promptrule.kind
+
+    @admin.display(description="action")
+    def rule_action(self, link) -> str | None:
+        if link.promptrule_id is None:
+            return None
+        return link.promptrule.action
+
+    @admin.display(description="pattern")
+    def rule_pattern(self, link) -> str | None:
+        if link.promptrule_id is None:
+            return None
+        return Truncator(link.promptrule.pattern).chars(60)
+
+    @admin.display(description="enabled", boolean=True)
+    def rule_enabled(self, link) -> bool | None:
+        if link.promptrule_id is None:
+            return None
+        return link.promptrule.enabled
+
+    @admin.display(description="used by tiers")
+    def rule_tier_count(self, link) -> int | None:
+        return getattr(link, "rule_tier_count", None)
 
 
 @admin.register(Tier)
@@ -14,6 +112,36 @@ class TierAdmin(admin.ModelAdmin):
     list_display = ["name", "default_model", "key_count", "created_at"]
     search_fields = ["name", "description"]
     readonly_fields = ["created_at", "updated_at"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "name",
+                    "description",
+                    "default_model",
+                    "allowed_models",
+                    "system_prompt",
+                ]
+            },
+        ),
+        (
+            "Limits",
+            {
+                "fields": [
+                    "rate_limits",
+                    "tokens_per_day",
+                    "tokens_per_month",
+                    "max_prompt_chars",
+                    "max_tokens_cap",
+                    "default_max_tokens",
+                ]
+            },
+        ),
+        ("Privacy", {"fields": ["store_prompts"]}),
+        ("History", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
+    ]
+    inlines = [TierRuleInline]
 
     @admin.display(description="keys")
     def key_count(self, tier: Tier) -> int:

@@ -44,7 +44,11 @@ class PromptRule(models.Model):
     def clean(self) -> None:
         from .rules import validate_pattern
 
-        validate_pattern(kind=self.kind, pattern=self.pattern)
+        try:
+            validate_pattern(kind=self.kind, pattern=self.pattern)
+        except ValidationError as exc:
+            # Shown under the pattern field in the admin form.
+            raise ValidationError({"pattern": exc.messages}) from exc
 
 
 class Tier(models.Model):

@@ -88,7 +88,9 @@ def count_request(
 def _cache_failed(group: str, exc: Exception | None) -> list[WindowUsage]:
     reason = type(exc).__name__ if exc else "no count returned"
     if settings.PROXY_LIMITS_FAIL_OPEN:
-        logger.error("Rate limit cache failed (%s) for %s; failing open.", reason, group)
+        logger.error(
+            "Rate limit cache failed (%s) for %s; failing open.", reason, group
+        )
         return []
     logger.error("Rate limit cache failed (%s) for %s; failing closed.", reason, group)
     raise LimitsUnavailable()

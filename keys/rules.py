@@ -7,6 +7,7 @@ import sys
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import re2
 from django.core.exceptions import ValidationError
@@ -15,7 +16,7 @@ from .models import PromptRule
 
 logger = logging.getLogger(__name__)
 
-# Longest keyword or regular expression an operator may save, in characters.
+# Maximum length of a keyword or regular expression, in characters.
 MAX_PATTERN_LENGTH = 1000
 
 # Memory RE2 may use for one compiled regular expression (its program and its
@@ -27,10 +28,10 @@ REGEX_MAX_MEM = 2 * 1024 * 1024
 # and the stale one ages out.
 _COMPILED_RULE_CACHE_SIZE = 1024
 
-# Default_Ignorable_Code_Point ranges that are not in category Cf, from Unicode
-# 15.1 DerivedCoreProperties.txt: combining grapheme joiner, Hangul fillers,
-# Khmer inherent vowels, Mongolian free variation selectors, variation
-# selectors, and reserved or tag ranges. Every Cf character is dropped as well.
+# Default-ignorable code points outside category Cf, which is dropped whole:
+# Unicode's Other_Default_Ignorable_Code_Point and Variation_Selector ranges
+# (combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian
+# and other variation selectors, reserved and tag ranges).
 _IGNORABLE_RANGES = (
     (0x034F, 0x034F),
     (0x115F, 0x1160),
@@ -56,7 +57,7 @@ class RuleVerdict:
     """The outcome of checking a request's text against a tier's rules.
 
     When `allowed` is false, `rule` is the rule that rejected the request and its
-    message is what the client sees. `reason` is a short explanation for logs.
+    message is returned to the client. `reason` is a short explanation for logs.
     """
 
     allowed: bool
@@ -65,55 +66,76 @@ class RuleVerdict:
 
 
 def normalize(text: str) -> str:
-    """Return the form of `text` that keyword rules and regex rules are matched in.
+    """Fold `text` into the form that rules are matched in and validated against.
 
     The steps, in order:
 
     - NFKC, which folds fullwidth forms, mathematical alphanumerics, ligatures,
-      circled and superscript letters and compatibility spaces.
-    - NFD, then drop every format character (category Cf: zero-width space,
-      joiners, soft hyphen, bidi controls, tags), every other default-ignorable
-      code point (variation selectors, Hangul fillers) and every combining mark
-      (categories Mn and Me), so accents are folded: "café" becomes "cafe".
+      circled and superscript letters and compatibility spaces, then NFD.
+    - Casefold.
+    - Drop every format character (category Cf: zero-width space, joiners, soft
+      hyphen, bidi controls, tags), every other default-ignorable code point
+      (variation selectors, Hangul fillers) and every combining mark (categories
+      Mn and Me), so accents are folded: "Café" becomes "cafe".
     - Map each non-ASCII character that Unicode's confusables data (UTS #39, as
       shipped by confusable-homoglyphs) lists as a look-alike of an ASCII
-      character to that character: Cyrillic "а" and Greek "ο" become "a" and
-      "o".
-    - Casefold, recompose with NFC and collapse each run of whitespace to one
-      space. Leading and trailing whitespace is kept.
+      character to that character, in lower case: Cyrillic "а" and Greek "ο"
+      become "a" and "o".
+    - Recompose with NFC and collapse each run of whitespace to one space.
+      Leading and trailing whitespace is kept.
 
     It does not fold ASCII look-alikes into each other ("0" stays "0", "1" stays
     "1", "rn" stays "rn"), so leetspeak such as "s3cr3t" is not caught. It does
-    not transliterate: Cyrillic letters that do not look Latin stay Cyrillic.
-    Dropping marks also merges words in scripts that write vowels or voicing
+    not transliterate: letters that look like no ASCII character stay as they
+    are. Dropping marks also merges words in scripts that write vowels or voicing
     with them (Hebrew points, Devanagari vowel signs, Japanese dakuten), so
     keywords in those scripts match a little more broadly.
+
+    Casefolding first keeps the result the same for upper and lower case in
+    every script, but it loses upper-case look-alikes whose lower case looks
+    different (Greek "Ν" looks like "N", "ν" like "v"). check_rules() therefore
+    also matches in a skeleton that maps before it casefolds.
     """
-    text = unicodedata.normalize("NFKC", text)
-    text = unicodedata.normalize("NFD", text)
-    text = text.translate(_translation_table())
-    text = text.casefold()
-    text = unicodedata.normalize("NFC", text)
-    return _WHITESPACE_RUN.sub(" ", text)
+    decomposed = _decompose(text)
+    folded = decomposed.casefold().translate(_translation_table())
+    return _recompose(folded)
+
+
+def _match_forms(text: str) -> tuple[str, str]:
+    """Compute normalize(text) and the skeleton of `text`, which maps look-alikes
+    as written and only then casefolds.
+
+    The skeleton is UTS #39's skeleton followed by a casefold: Greek "ΝΕΤ" is
+    "net" there but "vet" in normalize(). The two differ only for letters whose
+    upper and lower case have different look-alikes.
+    """
+    decomposed = _decompose(text)
+    table = _translation_table()
+    normalized = _recompose(decomposed.casefold().translate(table))
+    skeleton = _recompose(decomposed.translate(table).casefold())
+    return normalized, skeleton
+
+
+def _decompose(text: str) -> str:
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+
+
+def _recompose(text: str) -> str:
+    return _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text))
 
 
 @functools.cache
 def _translation_table() -> dict[int, str | None]:
     """Build the str.translate table that drops ignorable characters and maps
-    confusables to ASCII. Built once per process, on first use."""
+    look-alikes to lower-case ASCII. Built once per process, on first use."""
     skeletons = _ascii_skeletons()
     table: dict[int, str | None] = {}
     for code_point in range(0x80, sys.maxunicode + 1):
         char = chr(code_point)
-        category = unicodedata.category(char)
-        if category in _DROPPED_CATEGORIES:
+        if unicodedata.category(char) in _DROPPED_CATEGORIES:
             table[code_point] = None
         elif char in skeletons:
             table[code_point] = skeletons[char]
-        elif category[0] == "L" and char.casefold() in skeletons:
-            # Casefolding runs after this table, so a letter whose lower-case
-            # form is a look-alike is mapped here, before it is folded.
-            table[code_point] = skeletons[char.casefold()]
     for first, last in _IGNORABLE_RANGES:
         for code_point in range(first, last + 1):
             table[code_point] = None
@@ -133,36 +155,42 @@ def _ascii_skeletons() -> dict[str, str]:
     for char, homoglyphs in confusables_data.items():
         if len(char) != 1 or char.isascii():
             continue
-        candidates = [entry["c"] for entry in homoglyphs]
-        target = _preferred_ascii_target(candidates)
-        if target is not None:
-            skeletons[char] = target.lower()
+        candidates = {
+            entry["c"] for entry in homoglyphs if _is_ascii_target(entry["c"])
+        }
+        # UTS #39 maps every "I"-like character to its prototype "l", and
+        # "0"-like ones to "O". Adding the prototype's own ASCII look-alikes
+        # lets Cyrillic "І" map to "I", which casefolds to "i" as in "PIN".
+        for candidate in list(candidates):
+            for entry in confusables_data.get(candidate, ()):
+                if _is_ascii_target(entry["c"]):
+                    candidates.add(entry["c"])
+        if candidates:
+            skeletons[char] = _preferred_ascii_target(char, candidates).lower()
     return skeletons
 
 
-def _preferred_ascii_target(candidates: Iterable[str]) -> str | None:
-    """Pick the ASCII look-alike to map to: a single letter if there is one, then
-    a single digit, then any other printable ASCII without spaces."""
-    printable = [
-        candidate
-        for candidate in candidates
-        if candidate.isascii() and candidate.isprintable() and " " not in candidate
-    ]
-    if not printable:
-        return None
-    return min(printable, key=_target_rank)
+def _is_ascii_target(candidate: str) -> bool:
+    return candidate.isascii() and candidate.isprintable() and " " not in candidate
 
 
-def _target_rank(candidate: str) -> tuple[int, str]:
-    if len(candidate) > 1:
-        return (4, candidate)
-    if candidate.islower():
-        return (0, candidate)
-    if candidate.isupper():
-        return (1, candidate)
-    if candidate.isdigit():
-        return (2, candidate)
-    return (3, candidate)
+def _preferred_ascii_target(char: str, candidates: Iterable[str]) -> str:
+    """Pick the ASCII look-alike of `char` to map it to.
+
+    A single letter of the same case as `char` comes first, then a letter of the
+    other case, a digit, other printable ASCII, and last a sequence such as "rn".
+    """
+
+    def rank(candidate: str) -> tuple[int, str]:
+        if len(candidate) > 1:
+            order = 4
+        elif candidate.isalpha():
+            order = 0 if candidate.isupper() == char.isupper() else 1
+        else:
+            order = 2 if candidate.isdigit() else 3
+        return (order, candidate)
+
+    return min(candidates, key=rank)
 
 
 def validate_pattern(*, kind: str, pattern: str) -> None:
@@ -207,9 +235,13 @@ def _validate_regex(pattern: str) -> None:
     try:
         _compile_regex(pattern)
     except re2.error as exc:
+        detail = _re2_error_text(exc)
+        if "too large" in detail:
+            advice = "Use smaller repetition counts or fewer alternatives."
+        else:
+            advice = "RE2 supports no look-around and no backreferences."
         raise ValidationError(
-            f"The regular expression is invalid: {_re2_error_text(exc)}. RE2 "
-            "syntax has no look-around and no backreferences.",
+            f'The regular expression is invalid: RE2 reports "{detail}". {advice}',
             code="invalid_regex",
         ) from exc
 
@@ -247,31 +279,44 @@ def _re2_error_text(exc: re2.error) -> str:
     return str(detail)
 
 
-class _NormalizedText:
-    """One piece of request text, normalised, with its UTF-8 bytes for RE2."""
+@dataclass(frozen=True)
+class _MatchText:
+    """Text in the two forms that rules are matched in."""
 
-    def __init__(self, text: str) -> None:
-        self.text = normalize(text)
-        self._encoded: bytes | None = None
+    normalized: str
+    skeleton: str
 
-    @property
-    def encoded(self) -> bytes:
-        # Searching bytes spares RE2's binding from encoding the text once per rule.
-        if self._encoded is None:
-            self._encoded = self.text.encode("utf-8")
-        return self._encoded
+    @classmethod
+    def of(cls, text: str) -> "_MatchText":
+        return cls(*_match_forms(text))
+
+    def contains(self, keyword: "_MatchText") -> bool:
+        if keyword.normalized in self.normalized:
+            return True
+        return keyword.skeleton in self.skeleton
+
+    @functools.cached_property
+    def encoded_forms(self) -> tuple[bytes, ...]:
+        # RE2 searches bytes, so each form is encoded once for all regex rules.
+        if self.skeleton == self.normalized:
+            return (self.normalized.encode(),)
+        return (self.normalized.encode(), self.skeleton.encode())
 
 
 @dataclass(frozen=True)
 class _CompiledRule:
-    keyword: str = ""
+    """A rule's pattern prepared for matching, or the reason it is invalid."""
+
+    keyword: _MatchText | None = None
     regex: re2._Regexp | None = None
     error: str = ""
 
-    def matches(self, texts: list[_NormalizedText]) -> bool:
+    def matches(self, texts: list[_MatchText]) -> bool:
         if self.regex is not None:
-            return any(self.regex.search(text.encoded) for text in texts)
-        return any(self.keyword in text.text for text in texts)
+            return any(
+                self.regex.search(form) for text in texts for form in text.encoded_forms
+            )
+        return any(text.contains(self.keyword) for text in texts)
 
 
 @functools.lru_cache(maxsize=_COMPILED_RULE_CACHE_SIZE)
@@ -284,7 +329,8 @@ def _compile_rule(rule_pk: int | None, kind: str, pattern: str) -> _CompiledRule
         return _CompiledRule(error=error)
     if kind == PromptRule.Kind.REGEX:
         return _CompiledRule(regex=_compile_regex(pattern))
-    return _CompiledRule(keyword=normalize(pattern).strip())
+    normalized, skeleton = _match_forms(pattern)
+    return _CompiledRule(keyword=_MatchText(normalized.strip(), skeleton.strip()))
 
 
 def _compiled(rule: PromptRule) -> _CompiledRule:
@@ -294,10 +340,12 @@ def _compiled(rule: PromptRule) -> _CompiledRule:
 def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdict:
     """Check every piece of text a client sent against a tier's prompt rules.
 
-    Disabled rules are ignored, and rules are tried in order of name. Each rule
-    is matched against each text separately after normalize(): a keyword rule
-    matches when its normalised keyword, without surrounding whitespace, is a
-    substring, and a regex rule matches when RE2 finds it (case-insensitively).
+    Disabled rules are ignored, and rules are tried in order of name. Each text
+    is matched separately, so a keyword split across two messages does not
+    match. A keyword rule matches when normalize(keyword), without surrounding
+    whitespace, is a substring of normalize(text). A regex rule matches when RE2
+    finds it, case-insensitively, in normalize(text). Both kinds also match when
+    they match in the skeleton forms described at _match_forms().
 
     The first matching block rule rejects the request. Then, if there are allow
     rules, at least one of them must match some text, or the request is rejected
@@ -305,10 +353,10 @@ def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdic
     without validation) fails closed: a block rule rejects every request, and an
     allow rule never matches.
     """
-    enabled = sorted((rule for rule in rules if rule.enabled), key=_rule_name)
+    enabled = sorted((rule for rule in rules if rule.enabled), key=attrgetter("name"))
     if not enabled:
         return RuleVerdict(allowed=True)
-    normalized = [_NormalizedText(text) for text in texts if text]
+    match_texts = [_MatchText.of(text) for text in texts if text]
 
     for rule in enabled:
         if rule.action != PromptRule.Action.BLOCK:
@@ -317,7 +365,7 @@ def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdic
         if compiled.error:
             reason = f"block rule {rule.name!r} has an invalid pattern"
             return RuleVerdict(allowed=False, rule=rule, reason=reason)
-        if compiled.matches(normalized):
+        if compiled.matches(match_texts):
             reason = f"matched block rule {rule.name!r}"
             return RuleVerdict(allowed=False, rule=rule, reason=reason)
 
@@ -326,7 +374,7 @@ def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdic
         return RuleVerdict(allowed=True)
     for rule in allow_rules:
         compiled = _compiled(rule)
-        if not compiled.error and compiled.matches(normalized):
+        if not compiled.error and compiled.matches(match_texts):
             return RuleVerdict(allowed=True, reason=f"matched allow rule {rule.name!r}")
     names = ", ".join(repr(rule.name) for rule in allow_rules)
     return RuleVerdict(
@@ -334,7 +382,3 @@ def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdic
         rule=allow_rules[0],
         reason=f"matched no allow rule (tried {names})",
     )
-
-
-def _rule_name(rule: PromptRule) -> str:
-    return rule.name
