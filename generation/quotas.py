@@ -11,13 +11,13 @@ import logging
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from keys.models import APIKey
 from proxy_site.errors import QuotaExceeded
 
-from .models import QuotaCounter
+from .models import QuotaCounter, UsageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +118,41 @@ def settle(reservation: Reservation, *, used_tokens: int) -> None:
 
 
 def usage_summary(api_key: APIKey) -> list[dict]:
-    """Return, per capped period, the tokens used and reserved against the cap."""
+    """Return the key's tokens in the current UTC day and month, against its caps.
+
+    For a capped period the counter is read (it includes reservations of
+    requests in flight); otherwise the usage records are summed.
+    """
     now = timezone.now()
+    key_caps = dict(caps(api_key))
     summary = []
-    for period, cap in caps(api_key):
-        counter = QuotaCounter.objects.filter(
-            api_key=api_key, period=period, period_start=period_start(period, now)
-        ).first()
+    for period, label in ((Period.DAY, "Today"), (Period.MONTH, "This month")):
+        start = period_start(period, now)
+        cap = key_caps.get(period)
+        if cap is not None:
+            counter = QuotaCounter.objects.filter(
+                api_key=api_key, period=period, period_start=start
+            ).first()
+            used = counter.used if counter else 0
+            reserved = counter.reserved if counter else 0
+        else:
+            since = datetime.datetime.combine(
+                start, datetime.time(), tzinfo=datetime.UTC
+            )
+            totals = UsageRecord.objects.filter(
+                api_key=api_key, created_at__gte=since
+            ).aggregate(
+                prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")
+            )
+            used = (totals["prompt"] or 0) + (totals["completion"] or 0)
+            reserved = 0
         summary.append(
             {
                 "period": period,
+                "label": label,
                 "cap": cap,
-                "used": counter.used if counter else 0,
-                "reserved": counter.reserved if counter else 0,
+                "used": used,
+                "reserved": reserved,
                 "resets_at": period_end(period, now),
             }
         )

@@ -1,11 +1,21 @@
 """Admin pages for tiers, prompt rules and API keys."""
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path
 from django.utils import timezone
+from django.utils.html import format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
+from generation.policy import evaluate_prompt
+from generation.quotas import usage_summary
+
+from .forms import TryPromptForm
 from .models import APIKey, PromptRule, Tier
 from .services import issue_key, revoke_key
 
@@ -143,9 +153,39 @@ class TierAdmin(admin.ModelAdmin):
     ]
     inlines = [TierRuleInline]
 
-    @admin.display(description="keys")
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).annotate(key_count=Count("api_keys"))
+
+    @admin.display(description="keys", ordering="key_count")
     def key_count(self, tier: Tier) -> int:
-        return tier.api_keys.count()
+        return tier.key_count
+
+    def get_urls(self):
+        try_prompt = path(
+            "<path:object_id>/try-prompt/",
+            self.admin_site.admin_view(self.try_prompt_view),
+            name="keys_tier_try_prompt",
+        )
+        return [try_prompt, *super().get_urls()]
+
+    def try_prompt_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Decide a prompt for this tier as the API would, without the upstream."""
+        tier = get_object_or_404(Tier, pk=object_id)
+        if not self.has_view_permission(request, tier):
+            raise PermissionDenied
+        form = TryPromptForm(request.POST or None)
+        decision = None
+        if request.method == "POST" and form.is_valid():
+            decision = evaluate_prompt(tier=tier, **form.evaluate_arguments())
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Try a prompt on tier {tier.name}",
+            "opts": self.model._meta,
+            "original": tier,
+            "form": form,
+            "decision": decision,
+        }
+        return TemplateResponse(request, "admin/keys/tier/try_prompt.html", context)
 
 
 class KeyStateFilter(admin.SimpleListFilter):
@@ -182,17 +222,23 @@ class APIKeyAdmin(admin.ModelAdmin):
     search_fields = ["name", "prefix"]
     actions = ["revoke_selected"]
 
-    def get_fields(self, request, obj=None):
+    _detail_fields = ["name", "tier", "prefix", "expires_at"]
+    _history_fields = ["created_at", "last_used_at", "revoked_at"]
+    _override_fields = ["rate_limits", "tokens_per_day", "tokens_per_month"]
+
+    def get_fieldsets(self, request, obj=None):
         if obj is None:
-            return ["name", "tier", "expires_at"]
+            return [(None, {"fields": ["name", "tier", "expires_at"]})]
         return [
-            "name",
-            "tier",
-            "prefix",
-            "expires_at",
-            "created_at",
-            "last_used_at",
-            "revoked_at",
+            (None, {"fields": self._detail_fields}),
+            (
+                "Limits",
+                {
+                    "fields": [*self._override_fields, "usage"],
+                    "description": "Empty fields use the tier's value.",
+                },
+            ),
+            ("History", {"fields": self._history_fields}),
         ]
 
     def get_readonly_fields(self, request, obj=None):
@@ -200,15 +246,25 @@ class APIKeyAdmin(admin.ModelAdmin):
             return []
         if obj.is_revoked:
             return [
-                "name",
-                "tier",
-                "prefix",
-                "expires_at",
-                "created_at",
-                "last_used_at",
-                "revoked_at",
+                *self._detail_fields,
+                *self._override_fields,
+                "usage",
+                *self._history_fields,
             ]
-        return ["prefix", "created_at", "last_used_at", "revoked_at"]
+        return ["prefix", "usage", *self._history_fields]
+
+    @admin.display(description="usage")
+    def usage(self, api_key: APIKey) -> str:
+        lines = []
+        for period in usage_summary(api_key):
+            cap = period["cap"]
+            line = f"{period['label']}: {period['used']} tokens"
+            if cap is not None:
+                line += f" of {cap}"
+            if period["reserved"]:
+                line += f" ({period['reserved']} reserved by requests in flight)"
+            lines.append(line)
+        return format_html_join(mark_safe("<br>"), "{}", ((line,) for line in lines))
 
     @admin.display(description="state")
     def state(self, api_key: APIKey) -> str:
