@@ -19,7 +19,7 @@ from proxy_site.errors import (
     QuotaExceeded,
 )
 
-from .tokens import count_prompt_tokens, message_texts
+from .tokens import count_prompt_tokens, count_text_tokens, message_texts
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,23 @@ class PreparedChat:
     prompt_tokens: int
     # The text the client sent, as the rules saw it.
     client_texts: list[str]
+    # Completions requested (OpenAI's `n`), after the tier's cap.
+    choices: int = 1
+    # The name the client used for the completion limit; OpenAI's newer
+    # models take max_completion_tokens.
+    max_tokens_field: str = "max_tokens"
 
     @property
     def worst_case_tokens(self) -> int:
-        return self.prompt_tokens + self.max_tokens
+        return self.prompt_tokens + self.choices * self.max_tokens
+
+    @property
+    def upstream_limits(self) -> dict:
+        """The cost parameters to send upstream, with the tier's caps applied."""
+        limits = {self.max_tokens_field: self.max_tokens}
+        if self.choices > 1:
+            limits["n"] = self.choices
+        return limits
 
 
 def resolve_model(*, tier: Tier, requested: str | None) -> str:
@@ -95,14 +108,20 @@ def prepare_chat(
     messages: list[dict],
     model: str | None = None,
     max_tokens: int | None = None,
+    max_tokens_field: str = "max_tokens",
+    choices: int | None = None,
+    extra_texts: list[str] | None = None,
 ) -> PreparedChat:
     """Apply the tier's rules to a chat request, raising the error that stops it.
 
     Checks run in a fixed order: model, prompt length, prompt rules.
+    `extra_texts` is client text outside the messages, such as tool
+    descriptions; the rules and the length limit see it too.
     """
     model_name = resolve_model(tier=tier, requested=model)
     check_model(tier=tier, model=model_name)
     texts = [text for message in messages for text in message_texts(message)]
+    texts.extend(extra_texts or [])
     check_length(tier=tier, texts=texts)
     check_prompt_rules(tier=tier, texts=texts)
 
@@ -113,8 +132,11 @@ def prepare_chat(
         model=model_name,
         messages=upstream_messages,
         max_tokens=resolve_max_tokens(tier=tier, requested=max_tokens),
-        prompt_tokens=count_prompt_tokens(model_name, upstream_messages),
+        prompt_tokens=count_prompt_tokens(model_name, upstream_messages)
+        + sum(count_text_tokens(model_name, text) for text in extra_texts or []),
         client_texts=texts,
+        choices=min(choices or 1, tier.max_choices),
+        max_tokens_field=max_tokens_field,
     )
 
 

@@ -8,6 +8,7 @@ is settled to the tokens the upstream reported, or released on failure.
 
 import datetime
 import logging
+import math
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -49,6 +50,11 @@ def period_end(period: str, now: datetime.datetime) -> datetime.datetime:
     else:
         end = start.replace(month=start.month + 1)
     return datetime.datetime.combine(end, datetime.time(), tzinfo=datetime.UTC)
+
+
+def seconds_until(moment: datetime.datetime) -> int:
+    """Return whole seconds from now until `moment`, at least 1."""
+    return max(1, math.ceil((moment - timezone.now()).total_seconds()))
 
 
 def caps(api_key: APIKey) -> list[tuple[str, int]]:

@@ -36,17 +36,154 @@ class StrictFloatField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
-class GenerateTextSerializer(serializers.Serializer):
+class StrictBooleanField(serializers.BooleanField):
+    """A BooleanField that accepts JSON true and false only, not "yes" or 1."""
+
+    default_error_messages = {"invalid": "Expected true or false."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+class TypedJSONField(serializers.JSONField):
+    """A JSONField whose value must be one of the given JSON types."""
+
+    def __init__(self, *, types: tuple[type, ...], expected: str, **kwargs) -> None:
+        self.types = types
+        self.expected = expected
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if (
+            isinstance(data, bool)
+            and bool not in self.types
+            or not isinstance(data, self.types)
+        ):
+            raise serializers.ValidationError(f"Expected {self.expected}.")
+        return data
+
+
+class RejectUnknownFieldsMixin:
+    """Reject fields the serializer does not declare, naming the first one."""
+
+    # Fields that would let a client choose the upstream or its credentials.
+    upstream_fields = frozenset(
+        {"api_key", "api_base", "base_url", "organization", "project", "headers"}
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        if not isinstance(self.initial_data, dict):
+            return attrs
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        for name in unknown:
+            if name in self.upstream_fields:
+                raise serializers.ValidationError(
+                    {name: "Clients cannot choose the upstream or its credentials."}
+                )
+        if unknown:
+            raise serializers.ValidationError(
+                {
+                    unknown[
+                        0
+                    ]: "Unknown or unsupported field. Remove it from the request."
+                }
+            )
+        return attrs
+
+
+class GenerateTextSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     prompt = StrictCharField(max_length=1_000_000)
     model = StrictCharField(required=False, max_length=128)
     system = StrictCharField(required=False, max_length=1_000_000)
     max_tokens = StrictIntegerField(required=False, min_value=1, max_value=1_000_000)
     temperature = StrictFloatField(required=False, min_value=0, max_value=2)
+    stream = StrictBooleanField(required=False, default=False)
+
+
+MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+def validate_message(message: object) -> None:
+    if not isinstance(message, dict):
+        raise serializers.ValidationError("Each message must be an object.")
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        raise serializers.ValidationError(
+            f"Each message needs a role, one of: {', '.join(sorted(MESSAGE_ROLES))}."
+        )
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        raise serializers.ValidationError(
+            "A message's content must be a string, a list of parts, or null."
+        )
+    if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
+        raise serializers.ValidationError("Each content part must be an object.")
+
+
+class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """The body of POST /v1/chat/completions, as OpenAI's API defines it."""
+
+    model = StrictCharField(required=False, max_length=128)
+    messages = serializers.ListField(
+        child=serializers.JSONField(validators=[validate_message]),
+        allow_empty=False,
+        max_length=10_000,
+    )
+    stream = StrictBooleanField(required=False, default=False)
+    stream_options = TypedJSONField(
+        required=False, allow_null=True, types=(dict,), expected="an object"
+    )
+    max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    max_completion_tokens = StrictIntegerField(
+        required=False, allow_null=True, min_value=1
+    )
+    n = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=128)
+    temperature = StrictFloatField(
+        required=False, allow_null=True, min_value=0, max_value=2
+    )
+    top_p = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    presence_penalty = StrictFloatField(
+        required=False, allow_null=True, min_value=-2, max_value=2
+    )
+    frequency_penalty = StrictFloatField(
+        required=False, allow_null=True, min_value=-2, max_value=2
+    )
+    seed = StrictIntegerField(required=False, allow_null=True)
+    stop = TypedJSONField(
+        required=False,
+        allow_null=True,
+        types=(str, list),
+        expected="a string or a list of strings",
+    )
+    logit_bias = TypedJSONField(
+        required=False, allow_null=True, types=(dict,), expected="an object"
+    )
+    logprobs = StrictBooleanField(required=False, allow_null=True)
+    top_logprobs = StrictIntegerField(
+        required=False, allow_null=True, min_value=0, max_value=20
+    )
+    response_format = TypedJSONField(
+        required=False, allow_null=True, types=(dict,), expected="an object"
+    )
+    tools = TypedJSONField(
+        required=False, allow_null=True, types=(list,), expected="a list"
+    )
+    tool_choice = TypedJSONField(
+        required=False,
+        allow_null=True,
+        types=(str, dict),
+        expected="a string or an object",
+    )
+    parallel_tool_calls = StrictBooleanField(required=False, allow_null=True)
+    user = StrictCharField(required=False, allow_blank=True, max_length=256)
+    reasoning_effort = StrictCharField(required=False, max_length=32)
 
     def validate(self, attrs: dict) -> dict:
-        unknown = sorted(set(self.initial_data) - set(self.fields))
-        if unknown:
+        attrs = super().validate(attrs)
+        if "max_tokens" in attrs and "max_completion_tokens" in attrs:
             raise serializers.ValidationError(
-                {unknown[0]: "Unknown field. Remove it from the request."}
+                {"max_tokens": "Send max_tokens or max_completion_tokens, not both."}
             )
         return attrs

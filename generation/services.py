@@ -1,9 +1,87 @@
-"""Text generation: apply the tier's rules, call the upstream, record usage."""
+"""Chat calls to the upstream, after the tier's rules, with usage recorded."""
 
-from .policy import prepare_chat
+import json
+
+from .policy import PreparedChat, prepare_chat
+from .streaming import ChatStreamRelay, EventRenderer, sse
 from .tokens import count_text_tokens
 from .upstream import get_client, upstream_errors
 from .usage import UsageTracker
+
+
+def complete_chat(*, tracker: UsageTracker, chat: PreparedChat, options: dict):
+    """Reserve quota, call the chat completions API, settle, return the completion.
+
+    Raises a ProxyError subclass when the quota or the upstream stops the
+    request; the tracker records the outcome either way.
+    """
+    tracker.reserve(chat)
+    with upstream_errors():
+        completion = tracker.call_upstream(
+            lambda: get_client().chat.completions.create(
+                model=chat.model,
+                messages=chat.messages,
+                **chat.upstream_limits,
+                **options,
+            )
+        )
+    if completion.usage is not None:
+        prompt_tokens = completion.usage.prompt_tokens
+        completion_tokens = completion.usage.completion_tokens
+    else:
+        # Some OpenAI-compatible servers report no usage; count it here.
+        prompt_tokens = chat.prompt_tokens
+        texts = [choice.message.content or "" for choice in completion.choices]
+        completion_tokens = count_text_tokens(chat.model, "".join(texts))
+    tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    return completion
+
+
+def stream_chat(
+    *,
+    tracker: UsageTracker,
+    chat: PreparedChat,
+    options: dict,
+    usage_requested: bool,
+    render: EventRenderer,
+    finish=None,
+) -> ChatStreamRelay:
+    """Reserve quota and open an upstream stream; return the relay that reads it.
+
+    Failures before the upstream answers raise, as for complete_chat. From the
+    first event on, the relay settles the quota and records the outcome.
+    """
+    tracker.reserve(chat)
+    options = {**options, "stream": True, "stream_options": {"include_usage": True}}
+    with upstream_errors():
+        upstream = tracker.call_upstream(
+            lambda: (
+                get_client()
+                .chat.completions.with_streaming_response.create(
+                    model=chat.model,
+                    messages=chat.messages,
+                    **chat.upstream_limits,
+                    **options,
+                )
+                .__enter__()
+            )
+        )
+    return ChatStreamRelay(
+        tracker=tracker,
+        chat=chat,
+        upstream=upstream,
+        usage_requested=usage_requested,
+        render=render,
+        finish=finish,
+    )
+
+
+def _generate_text_messages(prompt: str, system: str | None) -> list[dict]:
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": prompt})
+    return messages
 
 
 def generate_text(
@@ -14,55 +92,50 @@ def generate_text(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
-) -> dict:
-    """Send one prompt to the upstream chat completions API and return its text.
+    stream: bool = False,
+):
+    """Send one prompt to the upstream and return its text.
 
-    Raises a ProxyError subclass when a rule, the quota or the upstream stops
-    the request; the tracker records the outcome either way.
+    Returns the response body, or for `stream` a relay of server-sent events:
+    `{"text": ...}` per piece of text, then `{"model": ..., "usage": ...}`,
+    then `[DONE]`.
     """
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": prompt})
     chat = prepare_chat(
         tier=tracker.api_key.tier,
-        messages=messages,
+        messages=_generate_text_messages(prompt, system),
         model=model,
         max_tokens=max_tokens,
     )
-    tracker.reserve(chat)
-
-    options = {}
-    if temperature is not None:
-        options["temperature"] = temperature
-    with upstream_errors():
-        completion = tracker.call_upstream(
-            lambda: get_client().chat.completions.create(
-                model=chat.model,
-                messages=chat.messages,
-                # NOTE: OpenAI's reasoning models take max_completion_tokens
-                # instead; most OpenAI-compatible servers know only max_tokens.
-                max_tokens=chat.max_tokens,
-                **options,
-            )
+    options = {} if temperature is None else {"temperature": temperature}
+    if stream:
+        return stream_chat(
+            tracker=tracker,
+            chat=chat,
+            options=options,
+            usage_requested=False,
+            render=_render_text_event,
+            finish=lambda usage: sse(json.dumps({"model": chat.model, "usage": usage})),
         )
 
+    completion = complete_chat(tracker=tracker, chat=chat, options=options)
     choice = completion.choices[0] if completion.choices else None
-    text = (choice.message.content if choice else None) or ""
-    if completion.usage is not None:
-        prompt_tokens = completion.usage.prompt_tokens
-        completion_tokens = completion.usage.completion_tokens
-    else:
-        # Some OpenAI-compatible servers report no usage; count it here.
-        prompt_tokens = chat.prompt_tokens
-        completion_tokens = count_text_tokens(chat.model, text)
-    tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    record = tracker.record
     return {
-        "text": text,
+        "text": (choice.message.content if choice else None) or "",
         "model": completion.model or chat.model,
         "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "total_tokens": record.prompt_tokens + record.completion_tokens,
         },
     }
+
+
+def _render_text_event(event: dict, raw: str) -> bytes | None:
+    pieces = [
+        (choice.get("delta") or {}).get("content") or ""
+        for choice in event.get("choices") or []
+        if isinstance(choice, dict)
+    ]
+    text = "".join(pieces)
+    return sse(json.dumps({"text": text})) if text else None

@@ -66,4 +66,8 @@ def message_texts(message: dict) -> list[str]:
     name = message.get("name")
     if isinstance(name, str):
         texts.append(name)
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            texts.append(function["arguments"])
     return texts

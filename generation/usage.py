@@ -81,12 +81,34 @@ class UsageTracker:
 
     def succeed(self, *, prompt_tokens: int, completion_tokens: int) -> None:
         """Settle the reservation to the upstream's usage and close the record."""
+        self.settle(
+            status=Status.SUCCEEDED,
+            http_status=200,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    def settle(
+        self,
+        *,
+        status: str,
+        http_status: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        reason: str = "",
+    ) -> None:
+        """Charge the tokens used, release the rest, and close the record.
+
+        A stream that fails or loses its client part-way is settled here too,
+        charged for what was generated before it ended.
+        """
         if self.reservation is not None:
             used = prompt_tokens + completion_tokens
             quotas.settle(self.reservation, used_tokens=used)
             self.reservation = None
-        self.record.status = Status.SUCCEEDED
-        self.record.http_status = 200
+        self.record.status = status
+        self.record.http_status = http_status
+        self.record.reason = reason
         self.record.prompt_tokens = prompt_tokens
         self.record.completion_tokens = completion_tokens
         self._save()

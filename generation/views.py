@@ -1,6 +1,6 @@
 """HTTP endpoints: text generation and liveness."""
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.http import require_safe
 from rest_framework import exceptions
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
@@ -14,6 +14,7 @@ from keys.ratelimits import enforce_key_rates, rate_limit_headers
 from .parsers import LimitedJSONParser
 from .serializers import GenerateTextSerializer
 from .services import generate_text
+from .streaming import ChatStreamRelay, event_stream_response
 from .usage import UsageTracker
 
 
@@ -28,20 +29,19 @@ class KeyHeaderBrowsableAPIRenderer(BrowsableAPIRenderer):
         return method in view.allowed_methods
 
 
-class GenerateTextView(APIView):
-    """Generate text for a prompt with the key's tier and the upstream model.
+class KeyedAPIView(APIView):
+    """Base of the endpoints that take a proxy API key and count against limits.
 
-    Send the proxy API key in the `x-api-key` header and a JSON body such as
-    `{"prompt": "Say hello"}`. Optional: `model`, `system`, `max_tokens`,
-    `temperature`.
+    Subclasses call `start(request, endpoint)` first in their handler: it
+    counts the request against the key's rates and returns the tracker that
+    records the request's outcome.
     """
 
-    authentication_classes = [APIKeyAuthentication]
     permission_classes = [HasAPIKey]
     parser_classes = [LimitedJSONParser]
-    renderer_classes = [JSONRenderer, KeyHeaderBrowsableAPIRenderer]
 
     def initial(self, request: Request, *args, **kwargs) -> None:
+        self.rate_limit_headers: dict[str, str] = {}
         # Answer a wrong method with 405 before asking for a key. The format is
         # set first so that the error is rendered in the negotiated format.
         self.format_kwarg = self.get_format_suffix(**kwargs)
@@ -51,8 +51,17 @@ class GenerateTextView(APIView):
             raise exceptions.MethodNotAllowed(request.method)
         super().initial(request, *args, **kwargs)
 
-    def get_serializer(self, *args, **kwargs) -> GenerateTextSerializer:
-        return GenerateTextSerializer(*args, **kwargs)
+    def start(self, request: Request, endpoint: str) -> UsageTracker:
+        api_key = request.auth
+        tracker = UsageTracker(
+            api_key=api_key,
+            endpoint=endpoint,
+            request_id=request._request.request_id,
+        )
+        with tracker:
+            usages = enforce_key_rates(request._request, api_key)
+        self.rate_limit_headers = rate_limit_headers(usages)
+        return tracker
 
     def finalize_response(self, request, response, *args, **kwargs):
         if response.status_code == 429:
@@ -65,20 +74,30 @@ class GenerateTextView(APIView):
             response.headers.setdefault(name, value)
         return response
 
-    def post(self, request: Request) -> Response:
-        api_key = request.auth
-        tracker = UsageTracker(
-            api_key=api_key,
-            endpoint="generate-text",
-            request_id=request._request.request_id,
-        )
+
+class GenerateTextView(KeyedAPIView):
+    """Generate text for a prompt with the key's tier and the upstream model.
+
+    Send the proxy API key in the `x-api-key` header and a JSON body such as
+    `{"prompt": "Say hello"}`. Optional: `model`, `system`, `max_tokens`,
+    `temperature`, and `stream` for server-sent events.
+    """
+
+    authentication_classes = [APIKeyAuthentication]
+    renderer_classes = [JSONRenderer, KeyHeaderBrowsableAPIRenderer]
+
+    def get_serializer(self, *args, **kwargs) -> GenerateTextSerializer:
+        return GenerateTextSerializer(*args, **kwargs)
+
+    def post(self, request: Request) -> HttpResponseBase:
         # Order: rate limit, then input, then the tier's rules and quota.
+        tracker = self.start(request, "generate-text")
         with tracker:
-            usages = enforce_key_rates(request._request, api_key)
-            self.rate_limit_headers = rate_limit_headers(usages)
             serializer = self.get_serializer(data=request.data)
             serializer.is_valid(raise_exception=True)
             result = generate_text(tracker=tracker, **serializer.validated_data)
+        if isinstance(result, ChatStreamRelay):
+            return event_stream_response(result, self.rate_limit_headers)
         return Response(result)
 
 

@@ -145,6 +145,7 @@ class TierAdmin(admin.ModelAdmin):
                     "max_prompt_chars",
                     "max_tokens_cap",
                     "default_max_tokens",
+                    "max_choices",
                 ]
             },
         ),

@@ -101,6 +101,11 @@ class Tier(models.Model):
         blank=True,
         help_text="max_tokens sent when a request names none. Empty: the cap.",
     )
+    max_choices = models.PositiveSmallIntegerField(
+        default=1,
+        help_text="Largest n (completions per request); larger values are "
+        "lowered to it.",
+    )
     system_prompt = models.TextField(
         blank=True,
         help_text="Prepended as a system message to every request of this tier.",

@@ -47,6 +47,7 @@ def tier_form(tier, rule_links: list[dict]) -> dict:
         "max_prompt_chars": "",
         "max_tokens_cap": "",
         "default_max_tokens": "",
+        "max_choices": "1",
         "Tier_rules-TOTAL_FORMS": str(len(rule_links)),
         "Tier_rules-INITIAL_FORMS": str(sum("id" in link for link in rule_links)),
         "Tier_rules-MIN_NUM_FORMS": "0",

@@ -1,0 +1,135 @@
+"""OpenAI's API under /v1/, so that the openai SDKs work with a changed base URL.
+
+Keys come as `Authorization: Bearer` (what the SDKs send) or `x-api-key`. A
+bad key gets 401 with `WWW-Authenticate`, so the SDKs raise their
+AuthenticationError; every other error has OpenAI's error body.
+"""
+
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from keys.authentication import BearerAPIKeyAuthentication
+from proxy_site.errors import error_body
+
+from . import quotas
+from .policy import prepare_chat
+from .serializers import ChatCompletionSerializer
+from .services import complete_chat, stream_chat
+from .streaming import event_stream_response, sse
+from .views import KeyedAPIView
+
+# Request fields that are not sent upstream as they are: the proxy applies
+# the tier's caps to them, or sets them itself.
+_MANAGED_FIELDS = {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+}
+
+
+def _tool_texts(tools: list | None) -> list[str]:
+    """Return the descriptions in tool definitions, which the model reads too."""
+    texts = []
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("description"), str):
+            texts.append(function["description"])
+    return texts
+
+
+def _passthrough_event(event: dict, raw: str) -> bytes:
+    return sse(raw)
+
+
+class OpenAIView(KeyedAPIView):
+    authentication_classes = [BearerAPIKeyAuthentication]
+    renderer_classes = [JSONRenderer]
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        for name, value in self._openai_rate_headers(request).items():
+            response.headers.setdefault(name, value)
+        return response
+
+    def _openai_rate_headers(self, request: Request) -> dict[str, str]:
+        """Repeat the limits under the header names OpenAI's own API uses."""
+        headers = {}
+        limit = self.rate_limit_headers.get("X-RateLimit-Limit")
+        if limit is not None:
+            headers["x-ratelimit-limit-requests"] = limit
+            headers["x-ratelimit-remaining-requests"] = self.rate_limit_headers[
+                "X-RateLimit-Remaining"
+            ]
+            reset = self.rate_limit_headers["X-RateLimit-Reset"]
+            headers["x-ratelimit-reset-requests"] = f"{reset}s"
+        api_key = getattr(request, "auth", None)
+        if api_key is not None and quotas.caps(api_key):
+            tightest = min(
+                quotas.usage_summary(api_key),
+                key=lambda period: (period["cap"] or 0) - period["used"],
+            )
+            if tightest["cap"] is not None:
+                left = tightest["cap"] - tightest["used"] - tightest["reserved"]
+                reset = quotas.seconds_until(tightest["resets_at"])
+                headers["x-ratelimit-limit-tokens"] = str(tightest["cap"])
+                headers["x-ratelimit-remaining-tokens"] = str(max(0, left))
+                headers["x-ratelimit-reset-tokens"] = f"{reset}s"
+        return headers
+
+
+class ChatCompletionsView(OpenAIView):
+    """POST /v1/chat/completions, with or without `stream`."""
+
+    def post(self, request: Request) -> HttpResponseBase:
+        tracker = self.start(request, "chat.completions")
+        with tracker:
+            serializer = ChatCompletionSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            data = serializer.validated_data
+            limit_field = (
+                "max_completion_tokens"
+                if "max_completion_tokens" in data
+                else "max_tokens"
+            )
+            chat = prepare_chat(
+                tier=tracker.api_key.tier,
+                messages=data["messages"],
+                model=data.get("model"),
+                max_tokens=data.get(limit_field),
+                max_tokens_field=limit_field,
+                choices=data.get("n"),
+                extra_texts=_tool_texts(data.get("tools")),
+            )
+            options = {
+                name: value
+                for name, value in data.items()
+                if name not in _MANAGED_FIELDS and value is not None
+            }
+            if data.get("stream"):
+                stream_options = data.get("stream_options") or {}
+                relay = stream_chat(
+                    tracker=tracker,
+                    chat=chat,
+                    options=options,
+                    usage_requested=bool(stream_options.get("include_usage")),
+                    render=_passthrough_event,
+                )
+                return event_stream_response(relay, self.rate_limit_headers)
+            completion = complete_chat(tracker=tracker, chat=chat, options=options)
+        return Response(completion.model_dump(mode="json", exclude_unset=True))
+
+
+def not_found(request: HttpRequest, exception=None) -> JsonResponse:
+    """Answer unknown URLs with OpenAI's error body under /v1/, else Django's 404."""
+    body = error_body(
+        f"Unknown request URL: {request.method} {request.path}.",
+        code="unknown_url",
+        error_type="invalid_request_error",
+    )
+    return JsonResponse(body, status=404)

@@ -1,0 +1,196 @@
+"""Relay an upstream chat completion stream to the client as it arrives.
+
+Each upstream server-sent event is forwarded as soon as it is read. The relay
+watches the events for usage, so that the quota is settled when the stream
+ends, however it ends: completed, failed upstream, or abandoned by the client.
+"""
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+
+import httpx2
+from django.http import StreamingHttpResponse
+
+from proxy_site.errors import ProxyError, UpstreamError, UpstreamTimeout, error_body
+
+from .models import UsageRecord
+from .policy import PreparedChat
+from .tokens import count_text_tokens
+from .usage import UsageTracker
+
+logger = logging.getLogger(__name__)
+
+Status = UsageRecord.Status
+CLIENT_DISCONNECTED = "client_disconnected"
+# Renders one parsed upstream event (and its raw JSON text) as bytes for the
+# client, or None to drop it.
+EventRenderer = Callable[[dict, str], bytes | None]
+
+
+def sse(data: str) -> bytes:
+    return f"data: {data}\n\n".encode()
+
+
+def error_event(exc: ProxyError) -> bytes:
+    body = error_body(str(exc.detail), code=exc.default_code, error_type=exc.error_type)
+    return sse(json.dumps(body))
+
+
+class ChatStreamRelay:
+    """Iterate over the client's stream of server-sent events, settling at the end.
+
+    `upstream` is the openai client's streaming response, already opened with
+    a success status. `usage_requested` says whether the client asked for the
+    usage-only final event; the proxy always asks the upstream for it, and
+    drops it when the client did not.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracker: UsageTracker,
+        chat: PreparedChat,
+        upstream,
+        usage_requested: bool,
+        render: EventRenderer,
+        finish: Callable[[dict], bytes | None] | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.chat = chat
+        self.upstream = upstream
+        self.usage_requested = usage_requested
+        self.render = render
+        self.finish = finish
+        self.usage: dict | None = None
+        self.completion_text: list[str] = []
+        self.finished = False
+        self.settled = False
+        self._events = self._generate()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def close(self) -> None:
+        """Called by Django when the response ends, also when the client left
+        before the first event was read."""
+        self._events.close()
+        if not self.settled:
+            self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+            self.upstream.close()
+
+    def _generate(self) -> Iterator[bytes]:
+        try:
+            yield from self._relay_events()
+        except GeneratorExit:
+            if self.settled:
+                raise
+            # The client went away: stop reading upstream (closing the
+            # response ends the upstream request) and charge what it generated.
+            self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+            logger.info("Client disconnected from a stream; upstream request closed.")
+            raise
+        except ProxyError as exc:
+            self._settle(Status.FAILED, exc.status_code, exc.default_code)
+            yield error_event(exc)
+        finally:
+            self.upstream.close()
+
+    def _relay_events(self) -> Iterator[bytes]:
+        for data in self._upstream_data():
+            if data == "[DONE]":
+                break
+            event = self._parse(data)
+            self._observe(event)
+            is_usage_only = not event.get("choices") and event.get("usage")
+            if is_usage_only and not self.usage_requested:
+                continue
+            rendered = self.render(event, data)
+            if rendered is not None:
+                yield rendered
+        if not self.finished:
+            logger.warning("Upstream stream ended before a finish_reason.")
+            raise UpstreamError()
+        usage = self._settle(Status.SUCCEEDED, 200, "")
+        if self.finish is not None:
+            closing = self.finish(usage)
+            if closing is not None:
+                yield closing
+        yield sse("[DONE]")
+
+    def _upstream_data(self) -> Iterator[str]:
+        """Yield the data of each upstream event, mapping read failures."""
+        lines = self.upstream.iter_lines()
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except httpx2.TimeoutException as exc:
+                logger.warning("Upstream stream stalled past the timeout.")
+                raise UpstreamTimeout() from exc
+            except httpx2.HTTPError as exc:
+                logger.warning("Upstream stream failed: %s", type(exc).__name__)
+                raise UpstreamError() from exc
+            if line.startswith("data:"):
+                yield line[len("data:") :].strip()
+
+    def _parse(self, data: str) -> dict:
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            logger.warning("Upstream sent an event that is not JSON.")
+            raise UpstreamError() from exc
+        if not isinstance(event, dict):
+            raise UpstreamError()
+        if "error" in event:
+            logger.warning("Upstream ended the stream with an error event.")
+            raise UpstreamError()
+        return event
+
+    def _observe(self, event: dict) -> None:
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+        for choice in event.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            content = (choice.get("delta") or {}).get("content")
+            if isinstance(content, str):
+                self.completion_text.append(content)
+            if choice.get("finish_reason"):
+                self.finished = True
+
+    def _settle(self, status: str, http_status: int, reason: str) -> dict:
+        """Charge the upstream's usage, or the proxy's own count without it."""
+        self.settled = True
+        if self.usage is not None:
+            prompt_tokens = int(self.usage.get("prompt_tokens") or 0)
+            completion_tokens = int(self.usage.get("completion_tokens") or 0)
+        else:
+            prompt_tokens = self.chat.prompt_tokens
+            text = "".join(self.completion_text)
+            completion_tokens = count_text_tokens(self.chat.model, text)
+        self.tracker.settle(
+            status=status,
+            http_status=http_status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            reason=reason,
+        )
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+
+def event_stream_response(
+    events: Iterator[bytes], headers: dict
+) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    # Tells nginx not to buffer the stream.
+    response["X-Accel-Buffering"] = "no"
+    for name, value in headers.items():
+        response[name] = value
+    return response
