@@ -69,17 +69,15 @@ class OpenAIView(KeyedAPIView):
             reset = self.rate_limit_headers["X-RateLimit-Reset"]
             headers["x-ratelimit-reset-requests"] = f"{reset}s"
         api_key = getattr(request, "auth", None)
-        if api_key is not None and quotas.caps(api_key):
-            tightest = min(
-                quotas.usage_summary(api_key),
-                key=lambda period: (period["cap"] or 0) - period["used"],
-            )
-            if tightest["cap"] is not None:
-                left = tightest["cap"] - tightest["used"] - tightest["reserved"]
-                reset = quotas.seconds_until(tightest["resets_at"])
-                headers["x-ratelimit-limit-tokens"] = str(tightest["cap"])
-                headers["x-ratelimit-remaining-tokens"] = str(max(0, left))
-                headers["x-ratelimit-reset-tokens"] = f"{reset}s"
+        if api_key is None or not quotas.caps(api_key):
+            return headers
+        capped = [p for p in quotas.usage_summary(api_key) if p["cap"] is not None]
+        tightest = min(capped, key=lambda p: p["cap"] - p["used"] - p["reserved"])
+        left = tightest["cap"] - tightest["used"] - tightest["reserved"]
+        reset = quotas.seconds_until(tightest["resets_at"])
+        headers["x-ratelimit-limit-tokens"] = str(tightest["cap"])
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, left))
+        headers["x-ratelimit-reset-tokens"] = f"{reset}s"
         return headers
 
 

@@ -375,3 +375,55 @@ def test_healthz_needs_no_key(api_client):
     response = api_client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+def read_events(response) -> list[str]:
+    body = b"".join(response.streaming_content).decode()
+    return [block.removeprefix("data: ") for block in body.split("\n\n") if block]
+
+
+def test_stream_sends_text_then_usage(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "one two", "stream": True}, key=raw_key)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    events = read_events(response)
+    assert events[-1] == "[DONE]"
+    pieces = [json.loads(event) for event in events[:-1]]
+    text = "".join(piece.get("text", "") for piece in pieces)
+    assert text == "echo: one two"
+    assert pieces[-1]["usage"]["total_tokens"] == 5
+    assert pieces[-1]["model"] == settings.PROXY_DEFAULT_MODEL
+
+
+def test_stream_carries_request_id(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi", "stream": True}, key=raw_key)
+    assert len(response["X-Request-ID"]) == 32
+    assert response["Cache-Control"] == "no-cache"
+
+
+def test_stream_failure_ends_with_error_event(api_client, upstream):
+    upstream.queue(Behaviour(drop_after_chunks=1))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "one two", "stream": True}, key=raw_key)
+    events = read_events(response)
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "upstream_error"
+    assert "[DONE]" not in events
+    assert INTERNAL_DETAIL not in "".join(events)
+
+
+def test_stream_refusal_is_plain_error(api_client, upstream):
+    upstream.queue(Behaviour(status=500))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi", "stream": True}, key=raw_key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+def test_stream_must_be_boolean(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi", "stream": "yes"}, key=raw_key)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream"

@@ -1,0 +1,401 @@
+"""The /v1/chat/completions endpoint, driven by the real openai client over HTTP."""
+
+import itertools
+import json
+import socket
+import time
+import urllib.parse
+
+import openai
+import pytest
+
+from generation.models import QuotaCounter, UsageRecord
+from generation.tokens import count_text_tokens
+from keys.models import PromptRule
+from tests.factories import make_key, make_tier
+from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def tier():
+    return make_tier("sdk", rate_limits="100/m", tokens_per_day=100_000)
+
+
+@pytest.fixture
+def raw_key(tier):
+    return make_key(tier=tier)[1]
+
+
+@pytest.fixture
+def sdk(live_server, upstream, raw_key):
+    client = openai.OpenAI(
+        base_url=live_server.url + "/v1", api_key=raw_key, max_retries=0, timeout=10
+    )
+    yield client
+    client.close()
+
+
+def create(sdk, **kwargs):
+    kwargs.setdefault("model", "gpt-4o-mini")
+    kwargs.setdefault("messages", MESSAGES)
+    return sdk.chat.completions.create(**kwargs)
+
+
+class TestCompletions:
+    def test_completion_returns_upstream_reply(self, sdk, upstream):
+        completion = create(sdk)
+        assert completion.choices[0].message.content == "echo: hello there"
+        assert completion.usage.total_tokens == 5
+
+    def test_upstream_gets_proxy_key_not_clients(
+        self, sdk, upstream, raw_key, settings
+    ):
+        create(sdk)
+        received = upstream.requests[0]
+        assert received.headers["Authorization"] == f"Bearer {settings.OPENAI_API_KEY}"
+        assert raw_key not in str(dict(received.headers))
+
+    def test_options_are_forwarded(self, sdk, upstream):
+        create(sdk, temperature=0.2, seed=7, stop=["x"], user="u-1")
+        sent = upstream.requests[0].json
+        assert sent["temperature"] == 0.2
+        assert sent["seed"] == 7
+        assert sent["stop"] == ["x"]
+        assert sent["user"] == "u-1"
+
+    def test_usage_is_recorded_and_settled(self, sdk, upstream):
+        completion = create(sdk)
+        record = UsageRecord.objects.get()
+        assert record.endpoint == "chat.completions"
+        assert record.status == UsageRecord.Status.SUCCEEDED
+        assert record.prompt_tokens == completion.usage.prompt_tokens
+        day = QuotaCounter.objects.get(period="day")
+        assert day.reserved == 0
+        assert day.used == completion.usage.total_tokens
+
+    def test_rate_headers_use_openai_names(self, sdk, upstream):
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "100"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "99"
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 100_000 - 5
+        assert raw.headers["X-RateLimit-Limit"] == "100"
+
+
+class TestCostCaps:
+    def test_max_tokens_is_capped(self, sdk, upstream, tier):
+        tier.max_tokens_cap = 30
+        tier.save()
+        create(sdk, max_tokens=1000)
+        assert upstream.requests[0].json["max_tokens"] == 30
+
+    def test_max_completion_tokens_keeps_its_name(self, sdk, upstream, tier):
+        tier.max_tokens_cap = 30
+        tier.save()
+        create(sdk, max_completion_tokens=1000)
+        sent = upstream.requests[0].json
+        assert sent["max_completion_tokens"] == 30
+        assert "max_tokens" not in sent
+
+    def test_n_is_capped_by_tier(self, sdk, upstream, tier):
+        tier.max_choices = 2
+        tier.save()
+        create(sdk, n=5)
+        assert upstream.requests[0].json["n"] == 2
+
+    def test_n_multiplies_reservation(self, sdk, upstream, tier):
+        tier.max_choices = 4
+        tier.max_tokens_cap = 100
+        tier.tokens_per_day = 250
+        tier.save()
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            create(sdk, n=3)
+        assert excinfo.value.code == "insufficient_quota"
+        assert upstream.requests == []
+
+
+class TestUpstreamIsFixed:
+    def test_body_api_key_is_rejected(self, sdk, upstream):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            create(sdk, extra_body={"api_key": "sk-mine"})
+        assert excinfo.value.body["param"] == "api_key"
+        assert upstream.requests == []
+
+    def test_body_base_url_is_rejected(self, sdk, upstream):
+        with pytest.raises(openai.BadRequestError):
+            create(sdk, extra_body={"base_url": "http://127.0.0.1:1/v1"})
+
+    def test_client_headers_are_not_forwarded(self, live_server, upstream, raw_key):
+        client = openai.OpenAI(
+            base_url=live_server.url + "/v1",
+            api_key=raw_key,
+            organization="org-client",
+            project="proj-client",
+            max_retries=0,
+        )
+        create(client)
+        headers = upstream.requests[0].headers
+        assert headers["OpenAI-Organization"] is None
+        assert headers["OpenAI-Project"] is None
+
+
+class TestErrors:
+    def test_bad_key_raises_authentication_error(self, live_server, upstream):
+        client = openai.OpenAI(
+            base_url=live_server.url + "/v1", api_key="sk-wrong", max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError) as excinfo:
+            create(client)
+        assert excinfo.value.code == "invalid_api_key"
+        assert excinfo.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+
+    def test_x_api_key_header_is_accepted(self, live_server, upstream, raw_key):
+        client = openai.OpenAI(
+            base_url=live_server.url + "/v1",
+            api_key="unused",
+            default_headers={"Authorization": "", "x-api-key": raw_key},
+            max_retries=0,
+        )
+        assert create(client).choices[0].message.content == "echo: hello there"
+
+    def test_disallowed_model_raises_permission_denied(self, sdk, upstream, tier):
+        tier.allowed_models = "gpt-4o-mini"
+        tier.save()
+        with pytest.raises(openai.PermissionDeniedError) as excinfo:
+            create(sdk, model="gpt-4o")
+        assert excinfo.value.code == "model_not_allowed"
+
+    def test_rate_limit_raises_rate_limit_error(self, sdk, upstream, tier):
+        tier.rate_limits = "1/m"
+        tier.save()
+        create(sdk)
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            create(sdk)
+        assert excinfo.value.code == "rate_limit_exceeded"
+
+    def test_bad_input_raises_bad_request(self, sdk, upstream):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            create(sdk, messages=[{"role": "wizard", "content": "hi"}])
+        assert excinfo.value.code == "invalid_request"
+        assert excinfo.value.body["param"] == "messages"
+
+    def test_empty_messages_raise_bad_request(self, sdk, upstream):
+        with pytest.raises(openai.BadRequestError):
+            create(sdk, messages=[])
+
+    def test_unknown_parameter_raises_bad_request(self, sdk, upstream):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            create(sdk, extra_body={"store": True})
+        assert excinfo.value.body["param"] == "store"
+
+    def test_upstream_500_raises_internal_server_error(self, sdk, upstream):
+        upstream.queue(Behaviour(status=500))
+        with pytest.raises(openai.InternalServerError) as excinfo:
+            create(sdk)
+        assert excinfo.value.status_code == 502
+        assert INTERNAL_DETAIL not in excinfo.value.response.text
+
+    def test_upstream_timeout_is_504(self, sdk, upstream, settings):
+        settings.PROXY_UPSTREAM_TIMEOUT = 0.3
+        upstream.queue(Behaviour(delay=3))
+        with pytest.raises(openai.InternalServerError) as excinfo:
+            create(sdk)
+        assert excinfo.value.status_code == 504
+        assert excinfo.value.code == "upstream_timeout"
+
+    def test_upstream_context_error_is_400(self, sdk, upstream):
+        upstream.queue(Behaviour(status=400))
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            create(sdk)
+        assert excinfo.value.code == "upstream_rejected_request"
+
+    def test_unknown_v1_route_is_404_json(self, sdk, upstream):
+        with pytest.raises(openai.NotFoundError) as excinfo:
+            sdk.get("/no-such-thing", cast_to=object)
+        assert excinfo.value.code == "unknown_url"
+
+    def test_wrong_method_is_405(self, live_server, raw_key):
+        import urllib.request
+
+        request = urllib.request.Request(
+            live_server.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {raw_key}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as excinfo:
+            urllib.request.urlopen(request)
+        assert excinfo.value.code == 405
+        assert "POST" in excinfo.value.headers["Allow"]
+
+
+class TestRules:
+    def test_rule_checks_every_message_shape(self, sdk, upstream, tier):
+        rule = PromptRule.objects.create(name="r", pattern="forbidden", message="No.")
+        tier.rules.add(rule)
+        shapes = [
+            [{"role": "system", "content": "f\u200borbidden"}],
+            [{"role": "user", "content": [{"type": "text", "text": "FORBIDDEN"}]}],
+            [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {
+                                "name": "f",
+                                "arguments": '{"q": "forbidden"}',
+                            },
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            ],
+            [{"role": "tool", "tool_call_id": "c1", "content": "forbidden"}],
+        ]
+        for messages in shapes:
+            with pytest.raises(openai.BadRequestError) as excinfo:
+                create(sdk, messages=messages)
+            assert excinfo.value.code == "prompt_rejected"
+        assert upstream.requests == []
+
+    def test_rule_checks_tool_descriptions(self, sdk, upstream, tier):
+        rule = PromptRule.objects.create(name="r", pattern="forbidden", message="No.")
+        tier.rules.add(rule)
+        tools = [
+            {
+                "type": "function",
+                "function": {"name": "f", "description": "a forbidden tool"},
+            }
+        ]
+        with pytest.raises(openai.BadRequestError):
+            create(sdk, tools=tools)
+
+
+class TestStreaming:
+    def test_stream_without_usage_strips_usage_chunk(self, sdk, upstream):
+        chunks = list(create(sdk, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "echo: hello there"
+        assert all(chunk.choices for chunk in chunks)
+        assert upstream.requests[0].json["stream_options"] == {"include_usage": True}
+
+    def test_stream_with_usage_ends_with_usage_chunk(self, sdk, upstream):
+        chunks = list(create(sdk, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage.total_tokens == 5
+
+    def test_stream_settles_quota_from_usage(self, sdk, upstream):
+        list(create(sdk, stream=True))
+        day = QuotaCounter.objects.get(period="day")
+        record = UsageRecord.objects.get()
+        assert day.reserved == 0
+        assert day.used == 5
+        assert record.status == UsageRecord.Status.SUCCEEDED
+
+    def test_stream_without_upstream_usage_is_counted(self, sdk, upstream):
+        upstream.queue(Behaviour(omit_usage=True))
+        list(create(sdk, stream=True, stream_options={"include_usage": True}))
+        record = UsageRecord.objects.get()
+        assert record.completion_tokens > 0
+        assert record.prompt_tokens > 0
+        assert QuotaCounter.objects.get(period="day").used == record.total_tokens
+
+    def test_stream_failing_half_way_ends_with_error_event(self, sdk, upstream):
+        upstream.queue(Behaviour(drop_after_chunks=2))
+        stream = create(sdk, stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as excinfo:
+            for chunk in stream:
+                received.append(chunk)
+        assert len(received) == 2
+        assert "upstream service failed" in excinfo.value.message
+        record = UsageRecord.objects.get()
+        assert record.status == UsageRecord.Status.FAILED
+        assert record.reason == "upstream_error"
+        assert QuotaCounter.objects.get(period="day").reserved == 0
+
+    def test_stream_stall_past_timeout_ends_with_timeout(self, sdk, upstream, settings):
+        settings.PROXY_UPSTREAM_TIMEOUT = 0.3
+        upstream.queue(Behaviour(stall_after_chunks=1, stall_seconds=3))
+        with pytest.raises(openai.APIError) as excinfo:
+            list(create(sdk, stream=True))
+        assert "did not answer in time" in excinfo.value.message
+        assert UsageRecord.objects.get().reason == "upstream_timeout"
+
+    def test_refusal_before_stream_is_plain_http_error(self, sdk, upstream, tier):
+        tier.allowed_models = "gpt-4o"
+        tier.save()
+        with pytest.raises(openai.PermissionDeniedError):
+            create(sdk, stream=True)
+
+    def test_chunks_arrive_as_produced(self, sdk, upstream):
+        upstream.set_default(chunk_delay=0.2)
+        try:
+            started = time.monotonic()
+            arrivals = [time.monotonic() - started for _ in create(sdk, stream=True)]
+        finally:
+            upstream.set_default(chunk_delay=0.0)
+        # The upstream spaces its events 0.2 s apart; buffering anywhere on the
+        # way would deliver them together at the end.
+        gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+        assert len(arrivals) >= 4
+        assert arrivals[0] < 0.5
+        assert min(gaps) > 0.1
+
+    def test_client_disconnect_stops_upstream_and_charges(
+        self, live_server, upstream, raw_key
+    ):
+        upstream.set_default(chunk_delay=0.3)
+        try:
+            url = urllib.parse.urlsplit(live_server.url)
+            body = json.dumps(
+                {
+                    "model": "gpt-4o-mini",
+                    "stream": True,
+                    "messages": [
+                        {"role": "user", "content": "one two three four five"}
+                    ],
+                }
+            ).encode()
+            with socket.create_connection((url.hostname, url.port)) as conn:
+                conn.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                    + f"Authorization: Bearer {raw_key}\r\n".encode()
+                    + b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                first = conn.recv(4096)
+                assert b"200" in first.split(b"\r\n")[0]
+            record = _wait_for_settled_record()
+        finally:
+            upstream.set_default(chunk_delay=0.0)
+        full_reply = count_text_tokens("gpt-4o-mini", "echo: one two three four five")
+        assert record.status == UsageRecord.Status.FAILED
+        assert record.reason == "client_disconnected"
+        assert record.prompt_tokens > 0
+        # Charged for what was generated before the client left, not the whole
+        # reply: the upstream request was stopped part-way.
+        assert 0 < record.completion_tokens < full_reply
+        day = QuotaCounter.objects.get(period="day")
+        assert day.reserved == 0
+        assert day.used == record.total_tokens
+
+
+def _wait_for_settled_record(timeout: float = 10.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = UsageRecord.objects.filter(settled_at__isnull=False).first()
+        if record is not None:
+            return record
+        time.sleep(0.1)
+    raise AssertionError("No usage record was settled after the client left.")
