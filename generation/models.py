@@ -8,8 +8,11 @@ from keys.models import APIKey, PromptRule, Tier
 class QuotaCounter(models.Model):
     """Tokens a key used and has reserved in one day or month.
 
-    Reservations are added before an upstream call and moved to `used` when
-    the call ends, so `used + reserved` never passes the cap.
+    A request is admitted only if its worst case fits under the cap beside
+    `used + reserved`. When the call ends its reservation is replaced by the
+    tokens the upstream reported. That can pass the cap only when the upstream
+    reports more than the worst case (for example, a server that ignores
+    max_tokens), and then no further request is admitted in the period.
     """
 
     class Period(models.TextChoices):

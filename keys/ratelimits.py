@@ -174,15 +174,25 @@ def check_failed_attempts(request: HttpRequest) -> None:
 
 
 def record_failed_attempt(request: HttpRequest) -> None:
+    """Count a wrong key; raise TooManyFailedAttempts if that used up the limit.
+
+    NOTE: the check before the key is looked at only reads the count, so
+    requests that arrive together can all pass it: an address gets at most
+    the limit plus the number of its requests in flight at once evaluated.
+    """
     rate = settings.PROXY_FAILED_AUTH_RATE
-    if rate:
-        count_request(
-            request,
-            group=FAILED_AUTH_GROUP,
-            value=client_ip(request),
-            rates=[rate],
-            increment=True,
-        )
+    if not rate:
+        return
+    usages = count_request(
+        request,
+        group=FAILED_AUTH_GROUP,
+        value=client_ip(request),
+        rates=[rate],
+        increment=True,
+    )
+    for usage in usages:
+        if usage.exceeded:
+            raise TooManyFailedAttempts(retry_after=usage.reset)
 
 
 def enforce_key_rates(request: HttpRequest, api_key) -> list[WindowUsage]:

@@ -13,7 +13,8 @@ from proxy_site.settings import *  # noqa: E402,F403
 
 # The fake upstream checks that it receives exactly this key.
 OPENAI_API_KEY = "sk-upstream-secret-for-tests-0123456789"
-# Replaced per test by the fake upstream's address.
-OPENAI_BASE_URL = "http://127.0.0.1:9/v1"
+# Replaced per test by the fake upstream's address. Server processes that tests
+# start read it from PROXY_TEST_UPSTREAM_URL.
+OPENAI_BASE_URL = os.environ.get("PROXY_TEST_UPSTREAM_URL", "http://127.0.0.1:9/v1")
 PROXY_UPSTREAM_TIMEOUT = 2.0
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,0 +1,126 @@
+"""Proxy server processes for tests: gunicorn on loopback ports, started and stopped.
+
+Each process runs the proxy with the test settings, so tests can check what
+several processes sharing one database and one cache do together.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+# Seconds a new process may take to start and return 200 for GET /healthz.
+READY_TIMEOUT = 20.0
+# Seconds a process may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago.
+
+    Another process may bind it first, and then the server exits at start-up.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+class ProxyServer:
+    """One gunicorn process serving the proxy on a free loopback port.
+
+    The server inherits the test process's environment with `environment`
+    added, so it reads the same `.env`, cache and settings unless overridden.
+    """
+
+    def __init__(self, environment: dict[str, str], *, threads: int = 8) -> None:
+        self.port = free_port()
+        self._environment = {**os.environ, **environment}
+        self._threads = threads
+        self._process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> ProxyServer:
+        """Start the process and return at once. wait_ready() waits until it serves."""
+        self._log = tempfile.TemporaryFile()
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "proxy_site.wsgi:application",
+            f"--bind={HOST}:{self.port}",
+            "--workers=1",
+            f"--threads={self._threads}",
+            "--graceful-timeout=5",
+        ]
+        # A new session makes the server and its worker one process group,
+        # which stop() can kill as a whole if the server ignores SIGTERM.
+        self._process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=self._environment,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Poll GET /healthz until it returns 200, or raise RuntimeError."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"The proxy server on port {self.port} exited with status "
+                    f"{self._process.returncode} before it was ready. Its output:\n"
+                    f"{self.output()}"
+                )
+            if self._is_healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"The proxy server on port {self.port} did not return 200 for GET /healthz "
+            f"within {timeout} seconds. Its output:\n{self.output()}"
+        )
+
+    def _is_healthy(self) -> bool:
+        connection = http.client.HTTPConnection(HOST, self.port, timeout=1)
+        try:
+            connection.request("GET", "/healthz")
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def output(self) -> str:
+        """Return everything the process wrote to stdout and stderr so far."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the process with SIGTERM, and kill its process group if it lingers."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
