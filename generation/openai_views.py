@@ -103,6 +103,7 @@ class ChatCompletionsView(OpenAIView):
                 max_tokens_field=limit_field,
                 choices=data.get("n"),
                 extra_texts=_tool_texts(data.get("tools")),
+                text_param="messages",
             )
             options = {
                 name: value

@@ -66,13 +66,13 @@ def check_model(*, tier: Tier, model: str) -> None:
         )
 
 
-def check_length(*, tier: Tier, texts: list[str]) -> None:
+def check_length(*, tier: Tier, texts: list[str], param: str = "prompt") -> None:
     length = sum(len(text) for text in texts)
     if tier.max_prompt_chars is not None and length > tier.max_prompt_chars:
         raise PromptTooLong(
             f"The prompt is {length} characters long; this API key's tier "
             f"allows at most {tier.max_prompt_chars}.",
-            param="prompt",
+            param=param,
         )
 
 
@@ -111,18 +111,20 @@ def prepare_chat(
     max_tokens_field: str = "max_tokens",
     choices: int | None = None,
     extra_texts: list[str] | None = None,
+    text_param: str = "prompt",
 ) -> PreparedChat:
     """Apply the tier's rules to a chat request, raising the error that stops it.
 
     Checks run in a fixed order: model, prompt length, prompt rules.
     `extra_texts` is client text outside the messages, such as tool
-    descriptions; the rules and the length limit see it too.
+    descriptions; the rules and the length limit see it too. `text_param`
+    names the request field that a too-long error points at.
     """
     model_name = resolve_model(tier=tier, requested=model)
     check_model(tier=tier, model=model_name)
     texts = [text for message in messages for text in message_texts(message)]
     texts.extend(extra_texts or [])
-    check_length(tier=tier, texts=texts)
+    check_length(tier=tier, texts=texts, param=text_param)
     check_prompt_rules(tier=tier, texts=texts)
 
     upstream_messages = list(messages)

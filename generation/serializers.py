@@ -187,3 +187,58 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
                 {"max_tokens": "Send max_tokens or max_completion_tokens, not both."}
             )
         return attrs
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class EmbeddingInputField(serializers.JSONField):
+    """OpenAI's embeddings `input`: a string, or a non-empty list of one kind.
+
+    The list contains strings, token ids (integers of 0 or more), or token-id
+    lists. Empty strings and empty token-id lists are rejected, as OpenAI's
+    API rejects them.
+    """
+
+    default_error_messages = {
+        "invalid": "Expected a string, a list of strings, a list of token ids, "
+        "or a list of token-id lists.",
+        "empty": "Expected a non-empty string, or a non-empty list without "
+        "empty items.",
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            if not data:
+                self.fail("empty")
+            return data
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        if all(isinstance(item, str) for item in data):
+            if not all(data):
+                self.fail("empty")
+        elif all(isinstance(item, list) for item in data):
+            if not all(data):
+                self.fail("empty")
+            if not all(_is_token_id(token) for item in data for token in item):
+                self.fail("invalid")
+        elif not all(_is_token_id(item) for item in data):
+            self.fail("invalid")
+        return data
+
+
+class EmbeddingSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """The body of POST /v1/embeddings, as OpenAI's API defines it."""
+
+    model = StrictCharField(required=False, max_length=128)
+    input = EmbeddingInputField()
+    encoding_format = serializers.ChoiceField(
+        choices=["float", "base64"], required=False, allow_null=True
+    )
+    dimensions = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    user = StrictCharField(
+        required=False, allow_null=True, allow_blank=True, max_length=256
+    )

@@ -36,6 +36,16 @@ def count_text_tokens(model: str, text: str) -> int:
     return len(_encoding_for(model).encode(text))
 
 
+def decode_tokens(model: str, token_ids: list[int]) -> str:
+    """Return the text of token ids; ids the encoding does not know are skipped."""
+    encoding = _encoding_for(model)
+    try:
+        return encoding.decode(token_ids)
+    except Exception:  # noqa: BLE001  (out-of-range ids raise various errors)
+        known = [i for i in token_ids if 0 <= i < encoding.n_vocab]
+        return encoding.decode(known)
+
+
 def count_prompt_tokens(model: str, messages: list[dict]) -> int:
     """Count the tokens a chat request's messages take, as the model sees them.
 

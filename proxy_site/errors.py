@@ -90,6 +90,13 @@ class ModelNotAllowed(ProxyError):
     error_type = "invalid_request_error"
 
 
+class ModelNotFound(ProxyError):
+    status_code = status.HTTP_404_NOT_FOUND
+    default_detail = "The model does not exist, or this API key may not use it."
+    default_code = "model_not_found"
+    error_type = "invalid_request_error"
+
+
 class PromptTooLong(ProxyError):
     status_code = status.HTTP_400_BAD_REQUEST
     default_detail = "The prompt is longer than this API key's tier allows."

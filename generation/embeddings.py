@@ -1,0 +1,96 @@
+"""Embeddings calls to the upstream, after the tier's rules, with usage recorded."""
+
+from openai.types import CreateEmbeddingResponse
+
+from .policy import (
+    PreparedChat,
+    check_length,
+    check_model,
+    check_prompt_rules,
+    resolve_model,
+)
+from .tokens import count_text_tokens, decode_tokens
+from .upstream import get_client, upstream_errors
+from .usage import UsageTracker
+
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+def input_texts(value: EmbeddingInput, model: str) -> list[str]:
+    """Return every input of an embeddings request as text.
+
+    Token-id inputs are decoded with the model's encoding, so that prompt
+    rules see them too. For a model that is not OpenAI's the decoding uses
+    o200k_base and may not be the text the model reads.
+    """
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(item, int) for item in value):
+        return [decode_tokens(model, value)]
+    texts = []
+    for item in value:
+        texts.append(item if isinstance(item, str) else decode_tokens(model, item))
+    return texts
+
+
+def count_token_ids(value: EmbeddingInput) -> int:
+    """Return the number of token ids in an embeddings request's token-id inputs."""
+    if isinstance(value, str):
+        return 0
+    if all(isinstance(item, int) for item in value):
+        return len(value)
+    return sum(len(item) for item in value if isinstance(item, list))
+
+
+def create_embeddings(
+    *,
+    tracker: UsageTracker,
+    input: EmbeddingInput,
+    model: str | None = None,
+    options: dict,
+) -> CreateEmbeddingResponse:
+    """Apply the tier's rules, reserve quota, call the embeddings API and settle.
+
+    Checks run in the chat endpoints' order: model, input length, prompt
+    rules, then the token quota. `options` contains the other request fields that
+    are sent upstream as they are (encoding_format, dimensions, user). Raises
+    a ProxyError subclass when a rule, the quota or the upstream stops the
+    request; the tracker records the outcome either way.
+    """
+    tier = tracker.api_key.tier
+    model_name = resolve_model(tier=tier, requested=model)
+    check_model(tier=tier, model=model_name)
+    texts = input_texts(input, model_name)
+    check_length(tier=tier, texts=texts, param="input")
+    check_prompt_rules(tier=tier, texts=texts)
+
+    string_texts = (
+        [input]
+        if isinstance(input, str)
+        else [item for item in input if isinstance(item, str)]
+    )
+    prompt_tokens = count_token_ids(input) + sum(
+        count_text_tokens(model_name, text) for text in string_texts
+    )
+    # An embedding has no completion, so the worst case is the input's tokens.
+    tracker.reserve(
+        PreparedChat(
+            model=model_name,
+            messages=[],
+            max_tokens=0,
+            prompt_tokens=prompt_tokens,
+            client_texts=texts,
+        )
+    )
+    with upstream_errors():
+        response = tracker.call_upstream(
+            lambda: get_client().embeddings.create(
+                model=model_name, input=input, **options
+            )
+        )
+
+    usage = response.usage
+    if usage is not None and isinstance(usage.prompt_tokens, int):
+        prompt_tokens = usage.prompt_tokens
+    tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=0)
+    return response
