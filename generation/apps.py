@@ -6,4 +6,5 @@ class GenerationConfig(AppConfig):
     verbose_name = "Text generation"
 
     def ready(self) -> None:
-        from . import checks, upstream  # noqa: F401  (registers checks and signals)
+        # Registers system checks, the client-reset signal and schema extensions.
+        from . import checks, schema, upstream  # noqa: F401

@@ -5,6 +5,7 @@ import logging
 
 from django.conf import settings
 from django.core.cache import cache
+from drf_spectacular.utils import extend_schema
 from openai.types import Model
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -14,6 +15,7 @@ from proxy_site.errors import ModelNotFound
 from .embeddings import create_embeddings
 from .models import UsageRecord
 from .openai_views import OpenAIView
+from .schema import OPENAI_OBJECT, error_responses
 from .serializers import EmbeddingSerializer
 from .upstream import get_client, upstream_errors
 from .usage import UsageTracker
@@ -106,6 +108,10 @@ def visible_models(tracker: UsageTracker) -> list[dict]:
 class ModelListView(OpenAIView):
     """GET /v1/models: the models the key's tier may use."""
 
+    @extend_schema(
+        operation_id="list_models",
+        responses={200: OPENAI_OBJECT, **error_responses(401, 429, 502, 503, 504)},
+    )
     def get(self, request: Request) -> Response:
         tracker = self.start(request, "models")
         with tracker:
@@ -121,6 +127,10 @@ class ModelDetailView(OpenAIView):
     upstream's (cached) model list.
     """
 
+    @extend_schema(
+        operation_id="retrieve_model",
+        responses={200: OPENAI_OBJECT, **error_responses(401, 404, 429, 502)},
+    )
     def get(self, request: Request, model: str) -> Response:
         tracker = self.start(request, "models")
         with tracker:
@@ -142,6 +152,14 @@ class ModelDetailView(OpenAIView):
 class EmbeddingsView(OpenAIView):
     """POST /v1/embeddings."""
 
+    @extend_schema(
+        operation_id="create_embedding",
+        request=EmbeddingSerializer,
+        responses={
+            200: OPENAI_OBJECT,
+            **error_responses(400, 401, 403, 413, 415, 429, 502, 503, 504),
+        },
+    )
     def post(self, request: Request) -> Response:
         tracker = self.start(request, "embeddings")
         with tracker:

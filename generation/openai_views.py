@@ -6,6 +6,7 @@ AuthenticationError; every other error has OpenAI's error body.
 """
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from drf_spectacular.utils import extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -15,6 +16,7 @@ from proxy_site.errors import error_body
 
 from . import quotas
 from .policy import prepare_chat
+from .schema import EVENT_STREAM, OPENAI_OBJECT, error_responses
 from .serializers import ChatCompletionSerializer
 from .services import complete_chat, stream_chat
 from .streaming import event_stream_response, sse
@@ -84,6 +86,15 @@ class OpenAIView(KeyedAPIView):
 class ChatCompletionsView(OpenAIView):
     """POST /v1/chat/completions, with or without `stream`."""
 
+    @extend_schema(
+        operation_id="create_chat_completion",
+        request=ChatCompletionSerializer,
+        responses={
+            200: OPENAI_OBJECT,
+            **error_responses(400, 401, 403, 413, 415, 429, 502, 503, 504),
+        },
+        description=EVENT_STREAM.description,
+    )
     def post(self, request: Request) -> HttpResponseBase:
         tracker = self.start(request, "chat.completions")
         with tracker:

@@ -2,6 +2,7 @@
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.http import require_safe
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
@@ -12,6 +13,7 @@ from keys.authentication import APIKeyAuthentication, HasAPIKey
 from keys.ratelimits import enforce_key_rates, rate_limit_headers
 
 from .parsers import LimitedJSONParser
+from .schema import GENERATE_TEXT_RESPONSE, error_responses
 from .serializers import GenerateTextSerializer
 from .services import generate_text
 from .streaming import ChatStreamRelay, event_stream_response
@@ -89,6 +91,17 @@ class GenerateTextView(KeyedAPIView):
     def get_serializer(self, *args, **kwargs) -> GenerateTextSerializer:
         return GenerateTextSerializer(*args, **kwargs)
 
+    @extend_schema(
+        operation_id="generate_text",
+        request=GenerateTextSerializer,
+        responses={
+            200: GENERATE_TEXT_RESPONSE,
+            **error_responses(400, 403, 413, 415, 429, 502, 503, 504),
+        },
+        description="With `stream: true` the response is server-sent events: "
+        '`{"text": ...}` per piece of text, then `{"model": ..., "usage": ...}`, '
+        "then `[DONE]`.",
+    )
     def post(self, request: Request) -> HttpResponseBase:
         # Order: rate limit, then input, then the tier's rules and quota.
         tracker = self.start(request, "generate-text")
@@ -101,6 +114,7 @@ class GenerateTextView(KeyedAPIView):
         return Response(result)
 
 
+@extend_schema(exclude=True)
 @require_safe
 def healthz(request: HttpRequest) -> JsonResponse:
     """Report that the process is up; checks nothing else, needs no key."""

@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.urls import path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView
 
 from generation import openai_resources, openai_views, views
 
@@ -21,5 +22,6 @@ urlpatterns = [
     path("v1/embeddings", openai_resources.EmbeddingsView.as_view(), name="embeddings"),
     re_path(r"^v1/", openai_views.not_found),
     path("healthz", views.healthz, name="healthz"),
+    path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("admin/", admin.site.urls),
 ]
