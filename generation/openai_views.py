@@ -5,14 +5,13 @@ bad key gets 401 with `WWW-Authenticate`, so the SDKs raise their
 AuthenticationError; every other error has OpenAI's error body.
 """
 
-from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from django.http import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from keys.authentication import BearerAPIKeyAuthentication
-from proxy_site.errors import error_body
 
 from . import quotas
 from .policy import prepare_chat
@@ -133,13 +132,3 @@ class ChatCompletionsView(OpenAIView):
                 return event_stream_response(relay, self.rate_limit_headers)
             completion = complete_chat(tracker=tracker, chat=chat, options=options)
         return Response(completion.model_dump(mode="json", exclude_unset=True))
-
-
-def not_found(request: HttpRequest, exception=None) -> JsonResponse:
-    """Answer unknown URLs with OpenAI's error body under /v1/, else Django's 404."""
-    body = error_body(
-        f"Unknown request URL: {request.method} {request.path}.",
-        code="unknown_url",
-        error_type="invalid_request_error",
-    )
-    return JsonResponse(body, status=404)

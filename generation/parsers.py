@@ -3,6 +3,7 @@
 import io
 
 from django.conf import settings
+from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
 from proxy_site.errors import RequestTooLarge
@@ -26,4 +27,9 @@ class LimitedJSONParser(JSONParser):
         data = stream.read(limit + 1)
         if len(data) > limit:
             raise RequestTooLarge(f"The request body is over the {limit}-byte limit.")
-        return super().parse(io.BytesIO(data), media_type, parser_context)
+        try:
+            return super().parse(io.BytesIO(data), media_type, parser_context)
+        except RecursionError as exc:
+            raise ParseError(
+                "JSON parse error - the JSON is nested too deeply."
+            ) from exc

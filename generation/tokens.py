@@ -32,8 +32,33 @@ def _fallback_encoding():
     return bpe_openai.get_encoding(FALLBACK_ENCODING)
 
 
+# bpe-openai refuses to encode a million characters, or text that makes more
+# than 200,000 tokens, in one call, so long text is counted in pieces of at
+# most this many characters (at 4 tokens per character, at most 160,000).
+PIECE_CHARS = 40_000
+
+
 def count_text_tokens(model: str, text: str) -> int:
-    return len(_encoding_for(model).encode(text))
+    """Count the tokens of `text`, with special-token text counted as plain text.
+
+    Long text is counted in pieces cut at spaces, which may differ from the
+    count of the whole by a token or so per piece.
+    """
+    return _count(_encoding_for(model), text)
+
+
+def _count(encoding, text: str) -> int:
+    total = 0
+    start = 0
+    while start < len(text):
+        end = min(start + PIECE_CHARS, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
+            if cut > start:
+                end = cut
+        total += len(encoding.encode_ordinary(text[start:end]))
+        start = end
+    return total
 
 
 def decode_tokens(model: str, token_ids: list[int]) -> str:
@@ -57,7 +82,7 @@ def count_prompt_tokens(model: str, messages: list[dict]) -> int:
     for message in messages:
         total += TOKENS_PER_MESSAGE
         for text in message_texts(message):
-            total += len(encoding.encode(text))
+            total += _count(encoding, text)
     return total
 
 

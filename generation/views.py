@@ -1,7 +1,7 @@
 """HTTP endpoints: text generation and liveness."""
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
-from django.views.decorators.http import require_safe
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 
 from keys.authentication import APIKeyAuthentication, HasAPIKey
 from keys.ratelimits import enforce_key_rates, rate_limit_headers
+from proxy_site.errors import error_body
 
 from .parsers import LimitedJSONParser
 from .schema import GENERATE_TEXT_RESPONSE, error_responses
@@ -115,7 +116,16 @@ class GenerateTextView(KeyedAPIView):
 
 
 @extend_schema(exclude=True)
-@require_safe
+@csrf_exempt
 def healthz(request: HttpRequest) -> JsonResponse:
     """Report that the process is up; checks nothing else, needs no key."""
+    if request.method not in ("GET", "HEAD"):
+        body = error_body(
+            f"Method {request.method} is not allowed; use GET.",
+            code="method_not_allowed",
+            error_type="invalid_request_error",
+        )
+        response = JsonResponse(body, status=405)
+        response["Allow"] = "GET, HEAD"
+        return response
     return JsonResponse({"status": "ok"})

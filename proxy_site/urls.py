@@ -5,9 +5,14 @@ from django.urls import path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView
 
 from generation import openai_resources, openai_views, views
+from proxy_site import error_views
 
 urlpatterns = [
-    path("generate-text/", views.GenerateTextView.as_view(), name="generate-text"),
+    # The original interface's path, with or without the trailing slash: a
+    # redirect would lose the POST body.
+    re_path(
+        r"^generate-text/?$", views.GenerateTextView.as_view(), name="generate-text"
+    ),
     path(
         "v1/chat/completions",
         openai_views.ChatCompletionsView.as_view(),
@@ -20,8 +25,15 @@ urlpatterns = [
         name="model-detail",
     ),
     path("v1/embeddings", openai_resources.EmbeddingsView.as_view(), name="embeddings"),
-    re_path(r"^v1/", openai_views.not_found),
+    # Unknown /v1/ URLs get OpenAI's error body also while DEBUG is on, when
+    # Django shows its own 404 page instead of handler404.
+    re_path(r"^v1/", error_views.not_found),
     path("healthz", views.healthz, name="healthz"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("admin/", admin.site.urls),
 ]
+
+handler400 = "proxy_site.error_views.bad_request"
+handler403 = "proxy_site.error_views.permission_denied"
+handler404 = "proxy_site.error_views.not_found"
+handler500 = "proxy_site.error_views.server_error"

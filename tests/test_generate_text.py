@@ -427,3 +427,53 @@ def test_stream_must_be_boolean(api_client, upstream):
     response = post(api_client, {"prompt": "hi", "stream": "yes"}, key=raw_key)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "stream"
+
+
+def test_path_without_slash_is_served(api_client, upstream):
+    _, raw_key = make_key()
+    response = api_client.post(
+        "/generate-text",
+        json.dumps({"prompt": "hi"}),
+        content_type="application/json",
+        headers={"x-api-key": raw_key},
+    )
+    assert response.status_code == 200
+    assert response.json()["text"] == "echo: hi"
+
+
+def test_deeply_nested_json_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    body = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = post(api_client, body, key=raw_key)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_special_token_text_is_a_normal_prompt(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "<|endoftext|>"}, key=raw_key)
+    assert response.status_code == 200
+
+
+def test_unknown_path_gets_json_404(client):
+    response = client.get("/no-such-page")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "unknown_url"
+
+
+def test_admin_unknown_path_keeps_html_404(client):
+    response = client.get("/admin/no-such-page/")
+    assert response.status_code in (302, 404)
+    assert not response["Content-Type"].startswith("application/json")
+
+
+def test_disallowed_host_gets_json_400(client):
+    response = client.get("/healthz", HTTP_HOST="evil.example")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
+
+
+def test_healthz_rejects_post_with_405(client):
+    response = client.post("/healthz")
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
