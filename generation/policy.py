@@ -80,8 +80,12 @@ def tier_rules(tier: Tier) -> list[PromptRule]:
     return list(tier.rules.filter(enabled=True).order_by("name"))
 
 
-def check_prompt_rules(*, tier: Tier, texts: list[str]) -> None:
-    verdict = check_rules(tier_rules(tier), texts)
+def check_prompt_rules(
+    *, tier: Tier, texts: list[str], prompt_texts: list[str] | None = None
+) -> None:
+    """Raise PromptRejected if a block rule matches any text, or if the tier has
+    allow rules and none matches the prompt (`prompt_texts`, by default all)."""
+    verdict = check_rules(tier_rules(tier), texts, allow_texts=prompt_texts)
     if not verdict.allowed:
         rule = verdict.rule
         error = PromptRejected(
@@ -125,7 +129,13 @@ def prepare_chat(
     texts = [text for message in messages for text in message_texts(message)]
     texts.extend(extra_texts or [])
     check_length(tier=tier, texts=texts, param=text_param)
-    check_prompt_rules(tier=tier, texts=texts)
+    prompt_texts = [
+        text
+        for message in messages
+        if message.get("role") == "user"
+        for text in message_texts(message)
+    ]
+    check_prompt_rules(tier=tier, texts=texts, prompt_texts=prompt_texts)
 
     upstream_messages = list(messages)
     if tier.system_prompt:

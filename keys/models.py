@@ -11,7 +11,7 @@ class PromptRule(models.Model):
     """A pattern checked against all text a client sends, shared by tiers."""
 
     class Kind(models.TextChoices):
-        KEYWORD = "keyword", "Keyword (case-insensitive)"
+        KEYWORD = "keyword", "Keyword (case-insensitive, matches inside words too)"
         REGEX = "regex", "Regular expression (RE2 syntax, case-insensitive)"
 
     class Action(models.TextChoices):

@@ -1,10 +1,7 @@
-"""Prompt rules: text normalisation, pattern validation and matching."""
+"""Prompt rules: pattern validation and matching against normalised text."""
 
 import functools
 import logging
-import re
-import sys
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -13,6 +10,7 @@ import re2
 from django.core.exceptions import ValidationError
 
 from .models import PromptRule
+from .normalization import match_forms, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +26,6 @@ REGEX_MAX_MEM = 2 * 1024 * 1024
 # and the stale one ages out.
 _COMPILED_RULE_CACHE_SIZE = 1024
 
-# Default-ignorable code points outside category Cf, which is dropped whole:
-# Unicode's Other_Default_Ignorable_Code_Point and Variation_Selector ranges
-# (combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian
-# and other variation selectors, reserved and tag ranges).
-_IGNORABLE_RANGES = (
-    (0x034F, 0x034F),
-    (0x115F, 0x1160),
-    (0x17B4, 0x17B5),
-    (0x180B, 0x180F),
-    (0x2065, 0x2065),
-    (0x3164, 0x3164),
-    (0xFE00, 0xFE0F),
-    (0xFFA0, 0xFFA0),
-    (0xFFF0, 0xFFF8),
-    (0xE0000, 0xE0FFF),
-)
-
-# Format characters (zero-width space and joiners, soft hyphen, bidi controls,
-# tags), nonspacing marks and enclosing marks.
-_DROPPED_CATEGORIES = frozenset({"Cf", "Mn", "Me"})
-
-_WHITESPACE_RUN = re.compile(r"\s+")
-
 
 @dataclass(frozen=True)
 class RuleVerdict:
@@ -63,134 +38,6 @@ class RuleVerdict:
     allowed: bool
     rule: PromptRule | None = None
     reason: str = ""
-
-
-def normalize(text: str) -> str:
-    """Fold `text` into the form that rules are matched in and validated against.
-
-    The steps, in order:
-
-    - NFKC, which folds fullwidth forms, mathematical alphanumerics, ligatures,
-      circled and superscript letters and compatibility spaces, then NFD.
-    - Casefold.
-    - Drop every format character (category Cf: zero-width space, joiners, soft
-      hyphen, bidi controls, tags), every other default-ignorable code point
-      (variation selectors, Hangul fillers) and every combining mark (categories
-      Mn and Me), so accents are folded: "Café" becomes "cafe".
-    - Map each non-ASCII character that Unicode's confusables data (UTS #39, as
-      shipped by confusable-homoglyphs) lists as a look-alike of an ASCII
-      character to that character, in lower case: Cyrillic "а" and Greek "ο"
-      become "a" and "o".
-    - Recompose with NFC and collapse each run of whitespace to one space.
-      Leading and trailing whitespace is kept.
-
-    It does not fold ASCII look-alikes into each other ("0" stays "0", "1" stays
-    "1", "rn" stays "rn"), so leetspeak such as "s3cr3t" is not caught. It does
-    not transliterate: letters that look like no ASCII character stay as they
-    are. Dropping marks also merges words in scripts that write vowels or voicing
-    with them (Hebrew points, Devanagari vowel signs, Japanese dakuten), so
-    keywords in those scripts match a little more broadly.
-
-    Casefolding first keeps the result the same for upper and lower case in
-    every script, but it loses upper-case look-alikes whose lower case looks
-    different (Greek "Ν" looks like "N", "ν" like "v"). check_rules() therefore
-    also matches in a skeleton that maps before it casefolds.
-    """
-    decomposed = _decompose(text)
-    folded = decomposed.casefold().translate(_translation_table())
-    return _recompose(folded)
-
-
-def _match_forms(text: str) -> tuple[str, str]:
-    """Compute normalize(text) and the skeleton of `text`, which maps look-alikes
-    as written and only then casefolds.
-
-    The skeleton is UTS #39's skeleton followed by a casefold: Greek "ΝΕΤ" is
-    "net" there but "vet" in normalize(). The two differ only for letters whose
-    upper and lower case have different look-alikes.
-    """
-    decomposed = _decompose(text)
-    table = _translation_table()
-    normalized = _recompose(decomposed.casefold().translate(table))
-    skeleton = _recompose(decomposed.translate(table).casefold())
-    return normalized, skeleton
-
-
-def _decompose(text: str) -> str:
-    return unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
-
-
-def _recompose(text: str) -> str:
-    return _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text))
-
-
-@functools.cache
-def _translation_table() -> dict[int, str | None]:
-    """Build the str.translate table that drops ignorable characters and maps
-    look-alikes to lower-case ASCII. Built once per process, on first use."""
-    skeletons = _ascii_skeletons()
-    table: dict[int, str | None] = {}
-    for code_point in range(0x80, sys.maxunicode + 1):
-        char = chr(code_point)
-        if unicodedata.category(char) in _DROPPED_CATEGORIES:
-            table[code_point] = None
-        elif char in skeletons:
-            table[code_point] = skeletons[char]
-    for first, last in _IGNORABLE_RANGES:
-        for code_point in range(first, last + 1):
-            table[code_point] = None
-    return table
-
-
-def _ascii_skeletons() -> dict[str, str]:
-    """Map each non-ASCII character with an ASCII look-alike to that look-alike,
-    in lower case.
-
-    confusable-homoglyphs stores each confusable pair in both directions, so the
-    ASCII look-alikes of a character are found among its own entries.
-    """
-    from confusable_homoglyphs.confusables import confusables_data
-
-    skeletons = {}
-    for char, homoglyphs in confusables_data.items():
-        if len(char) != 1 or char.isascii():
-            continue
-        candidates = {
-            entry["c"] for entry in homoglyphs if _is_ascii_target(entry["c"])
-        }
-        # UTS #39 maps every "I"-like character to its prototype "l", and
-        # "0"-like ones to "O". Adding the prototype's own ASCII look-alikes
-        # lets Cyrillic "І" map to "I", which casefolds to "i" as in "PIN".
-        for candidate in list(candidates):
-            for entry in confusables_data.get(candidate, ()):
-                if _is_ascii_target(entry["c"]):
-                    candidates.add(entry["c"])
-        if candidates:
-            skeletons[char] = _preferred_ascii_target(char, candidates).lower()
-    return skeletons
-
-
-def _is_ascii_target(candidate: str) -> bool:
-    return candidate.isascii() and candidate.isprintable() and " " not in candidate
-
-
-def _preferred_ascii_target(char: str, candidates: Iterable[str]) -> str:
-    """Pick the ASCII look-alike of `char` to map it to.
-
-    A single letter of the same case as `char` comes first, then a letter of the
-    other case, a digit, other printable ASCII, and last a sequence such as "rn".
-    """
-
-    def rank(candidate: str) -> tuple[int, str]:
-        if len(candidate) > 1:
-            order = 4
-        elif candidate.isalpha():
-            order = 0 if candidate.isupper() == char.isupper() else 1
-        else:
-            order = 2 if candidate.isdigit() else 3
-        return (order, candidate)
-
-    return min(candidates, key=rank)
 
 
 def validate_pattern(*, kind: str, pattern: str) -> None:
@@ -288,7 +135,7 @@ class _MatchText:
 
     @classmethod
     def of(cls, text: str) -> "_MatchText":
-        return cls(*_match_forms(text))
+        return cls(*match_forms(text))
 
     def contains(self, keyword: "_MatchText") -> bool:
         if keyword.normalized in self.normalized:
@@ -329,7 +176,7 @@ def _compile_rule(rule_pk: int | None, kind: str, pattern: str) -> _CompiledRule
         return _CompiledRule(error=error)
     if kind == PromptRule.Kind.REGEX:
         return _CompiledRule(regex=_compile_regex(pattern))
-    normalized, skeleton = _match_forms(pattern)
+    normalized, skeleton = match_forms(pattern)
     return _CompiledRule(keyword=_MatchText(normalized.strip(), skeleton.strip()))
 
 
@@ -337,7 +184,11 @@ def _compiled(rule: PromptRule) -> _CompiledRule:
     return _compile_rule(rule.pk, rule.kind, rule.pattern)
 
 
-def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdict:
+def check_rules(
+    rules: Iterable[PromptRule],
+    texts: Iterable[str],
+    allow_texts: Iterable[str] | None = None,
+) -> RuleVerdict:
     """Check every piece of text a client sent against a tier's prompt rules.
 
     Disabled rules are ignored, and rules are tried in order of name. Each text
@@ -345,11 +196,13 @@ def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdic
     match. A keyword rule matches when normalize(keyword), without surrounding
     whitespace, is a substring of normalize(text). A regex rule matches when RE2
     finds it, case-insensitively, in normalize(text). Both kinds also match when
-    they match in the skeleton forms described at _match_forms().
+    they match in the skeleton forms described at match_forms().
 
     The first matching block rule rejects the request. Then, if there are allow
-    rules, at least one of them must match some text, or the request is rejected
-    with the first allow rule. A rule whose stored pattern is invalid (saved
+    rules, at least one of them must match one of `allow_texts` (by default
+    `texts`), or the request is rejected with the first allow rule. Callers
+    pass the user's own prompt there, so that a system message cannot carry
+    the allowed words. A rule whose stored pattern is invalid (saved
     without validation) fails closed: a block rule rejects every request, and an
     allow rule never matches.
     """
@@ -372,6 +225,8 @@ def check_rules(rules: Iterable[PromptRule], texts: Iterable[str]) -> RuleVerdic
     allow_rules = [rule for rule in enabled if rule.action == PromptRule.Action.ALLOW]
     if not allow_rules:
         return RuleVerdict(allowed=True)
+    if allow_texts is not None:
+        match_texts = [_MatchText.of(text) for text in allow_texts if text]
     for rule in allow_rules:
         compiled = _compiled(rule)
         if not compiled.error and compiled.matches(match_texts):

@@ -350,3 +350,34 @@ def test_check_is_silent_without_tables(monkeypatch):
 
     monkeypatch.setattr(PromptRule.objects, "filter", fail)
     assert check_prompt_rule_patterns(app_configs=None) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("bo\u0001mb", id="control-character"),
+        pytest.param("bo\u007fmb", id="delete-character"),
+        pytest.param("bo\ue000mb", id="private-use"),
+        pytest.param("bo\u0378mb", id="unassigned"),
+        pytest.param("bo\u2800mb", id="braille-blank"),
+        pytest.param("bo\ufffcmb", id="object-replacement"),
+        pytest.param("\u0299\u1d0f\u1d0d\u0299", id="small-capitals"),
+    ],
+)
+def test_invisible_and_small_capital_tricks_are_folded(text):
+    assert normalize(text) == "bomb"
+
+
+def test_whitespace_controls_become_spaces():
+    assert normalize("line\nbreak\ttab") == "line break tab"
+
+
+def test_allow_rule_must_match_allow_texts():
+    rule = PromptRule(
+        pk=1, name="recipes", pattern="recipe", action="allow", message="Recipes only."
+    )
+    verdict = check_rules(
+        [rule], ["tell me a joke", "recipe"], allow_texts=["tell me a joke"]
+    )
+    assert verdict.allowed is False
+    assert verdict.rule == rule

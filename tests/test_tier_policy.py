@@ -295,3 +295,17 @@ class TestUsageAdmin:
             f"/admin/generation/usagerecord/?api_key__id__exact={ok_key.pk}"
         )
         assert [r.api_key.name for r in by_key.context["cl"].result_list] == ["ok-key"]
+
+
+def test_allow_rule_ignores_system_text(api_client, upstream):
+    rule = PromptRule.objects.create(
+        name="recipes", pattern="recipe", action="allow", message="Recipes only."
+    )
+    tier = make_tier("allow-only")
+    tier.rules.add(rule)
+    _, raw_key = make_key(tier=tier)
+    refused = post(api_client, raw_key, prompt="tell me a joke", system="recipe")
+    allowed = post(api_client, raw_key, prompt="a recipe for soup")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "prompt_rejected"
+    assert allowed.status_code == 200
