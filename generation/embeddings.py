@@ -9,7 +9,7 @@ from .policy import (
     check_prompt_rules,
     resolve_model,
 )
-from .tokens import count_text_tokens, decode_tokens
+from .tokens import count_text_tokens, decode_tokens, reported_tokens
 from .upstream import get_client, upstream_errors
 from .usage import UsageTracker
 
@@ -90,7 +90,8 @@ def create_embeddings(
         )
 
     usage = response.usage
-    if usage is not None and isinstance(usage.prompt_tokens, int):
-        prompt_tokens = usage.prompt_tokens
+    reported = reported_tokens(usage.prompt_tokens) if usage is not None else None
+    if reported is not None:
+        prompt_tokens = reported
     tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=0)
     return response

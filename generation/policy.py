@@ -7,6 +7,7 @@ The view, the `check_prompt` command and the tier's admin page all call
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.utils import timezone
 
 from keys.models import PromptRule, Tier
 from keys.rules import check_rules
@@ -16,10 +17,13 @@ from proxy_site.errors import (
     PromptRejected,
     PromptTooLong,
     ProxyError,
-    QuotaExceeded,
 )
 
+from .models import QuotaCounter
+from .quotas import quota_exceeded_error
 from .tokens import count_prompt_tokens, count_text_tokens, message_texts
+
+QuotaPeriod = QuotaCounter.Period
 
 
 @dataclass(frozen=True)
@@ -205,15 +209,19 @@ def evaluate_prompt(
             rule=getattr(exc, "rule", None),
             limits=limits,
         )
-    for label, cap in (
-        ("daily", tier.tokens_per_day),
-        ("monthly", tier.tokens_per_month),
+    now = timezone.now()
+    for period, label, cap in (
+        (QuotaPeriod.DAY, "daily", tier.tokens_per_day),
+        (QuotaPeriod.MONTH, "monthly", tier.tokens_per_month),
     ):
         if cap is not None and chat.worst_case_tokens > cap:
+            error = quota_exceeded_error(
+                period=period, cap=cap, left=cap, amount=chat.worst_case_tokens, now=now
+            )
             return Decision(
                 allowed=False,
-                code=QuotaExceeded.default_code,
-                message=str(QuotaExceeded.default_detail),
+                code=error.default_code,
+                message=str(error.detail),
                 reason=f"the worst case of {chat.worst_case_tokens} tokens is over "
                 f"the {label} cap of {cap}",
                 chat=chat,
@@ -222,6 +230,19 @@ def evaluate_prompt(
     return Decision(
         allowed=True, reason="no rule or limit refused it", chat=chat, limits=limits
     )
+
+
+def trial_arguments(data: dict) -> dict:
+    """Turn a validated /generate-text/ body into evaluate_prompt's arguments."""
+    messages = []
+    if data.get("system"):
+        messages.append({"role": "system", "content": data["system"]})
+    messages.append({"role": "user", "content": data["prompt"]})
+    return {
+        "messages": messages,
+        "model": data.get("model"),
+        "max_tokens": data.get("max_tokens"),
+    }
 
 
 def _reason_for(exc: ProxyError) -> str:

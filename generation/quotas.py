@@ -97,6 +97,15 @@ def _quota_exceeded(
 ) -> QuotaExceeded:
     counter = QuotaCounter.objects.get(pk=counter_pk)
     left = max(0, cap - counter.used - counter.reserved)
+    return quota_exceeded_error(
+        period=period, cap=cap, left=left, amount=amount, now=now
+    )
+
+
+def quota_exceeded_error(
+    *, period: str, cap: int, left: int, amount: int, now: datetime.datetime
+) -> QuotaExceeded:
+    """Build the error for a request of `amount` tokens with `left` of `cap` left."""
     resets_at = period_end(period, now)
     label = "daily" if period == Period.DAY else "monthly"
     return QuotaExceeded(

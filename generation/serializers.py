@@ -1,5 +1,6 @@
 """Request bodies of the text generation endpoint."""
 
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 
@@ -12,6 +13,26 @@ class StrictCharField(serializers.CharField):
         if not isinstance(data, str):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+def validate_not_blank(value: str) -> None:
+    if not value.strip():
+        raise serializers.ValidationError("This field may not be blank.")
+
+
+class ModelNameField(StrictCharField):
+    """A model name: up to 128 characters, without whitespace or control characters."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("max_length", 128)
+        super().__init__(**kwargs)
+        self.validators.append(
+            RegexValidator(
+                r"^[^\s\x00-\x1f\x7f]+$",
+                message="A model name may not contain whitespace or control "
+                "characters.",
+            )
+        )
 
 
 class StrictIntegerField(serializers.IntegerField):
@@ -94,9 +115,14 @@ class RejectUnknownFieldsMixin:
 
 
 class GenerateTextSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
-    prompt = StrictCharField(max_length=1_000_000)
-    model = StrictCharField(required=False, max_length=128)
-    system = StrictCharField(required=False, max_length=1_000_000)
+    # Whitespace is kept as sent: it can matter, in code for example.
+    prompt = StrictCharField(
+        max_length=1_000_000, trim_whitespace=False, validators=[validate_not_blank]
+    )
+    model = ModelNameField(required=False)
+    system = StrictCharField(
+        required=False, max_length=1_000_000, trim_whitespace=False
+    )
     max_tokens = StrictIntegerField(required=False, min_value=1, max_value=1_000_000)
     temperature = StrictFloatField(required=False, min_value=0, max_value=2)
     stream = StrictBooleanField(required=False, default=False)
@@ -125,7 +151,7 @@ def validate_message(message: object) -> None:
 class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """The body of POST /v1/chat/completions, as OpenAI's API defines it."""
 
-    model = StrictCharField(required=False, max_length=128)
+    model = ModelNameField(required=False)
     messages = serializers.ListField(
         child=serializers.JSONField(validators=[validate_message]),
         allow_empty=False,
@@ -233,7 +259,7 @@ class EmbeddingInputField(serializers.JSONField):
 class EmbeddingSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """The body of POST /v1/embeddings, as OpenAI's API defines it."""
 
-    model = StrictCharField(required=False, max_length=128)
+    model = ModelNameField(required=False)
     input = EmbeddingInputField()
     encoding_format = serializers.ChoiceField(
         choices=["float", "base64"], required=False, allow_null=True

@@ -1,12 +1,17 @@
 """Chat calls to the upstream, after the tier's rules, with usage recorded."""
 
 import json
+import logging
+
+from proxy_site.errors import UpstreamError
 
 from .policy import PreparedChat, prepare_chat
 from .streaming import ChatStreamRelay, EventRenderer, sse
-from .tokens import count_text_tokens
+from .tokens import count_text_tokens, reported_tokens
 from .upstream import get_client, upstream_errors
 from .usage import UsageTracker
+
+logger = logging.getLogger(__name__)
 
 
 def complete_chat(*, tracker: UsageTracker, chat: PreparedChat, options: dict):
@@ -25,12 +30,16 @@ def complete_chat(*, tracker: UsageTracker, chat: PreparedChat, options: dict):
                 **options,
             )
         )
-    if completion.usage is not None:
-        prompt_tokens = completion.usage.prompt_tokens
-        completion_tokens = completion.usage.completion_tokens
-    else:
-        # Some OpenAI-compatible servers report no usage; count it here.
+    if not completion.choices:
+        logger.error("Upstream chat completion has no choices.")
+        raise UpstreamError()
+    usage = completion.usage
+    prompt_tokens = reported_tokens(usage.prompt_tokens) if usage else None
+    completion_tokens = reported_tokens(usage.completion_tokens) if usage else None
+    # Some OpenAI-compatible servers report no usage, or nonsense; count it here.
+    if prompt_tokens is None:
         prompt_tokens = chat.prompt_tokens
+    if completion_tokens is None:
         texts = [choice.message.content or "" for choice in completion.choices]
         completion_tokens = count_text_tokens(chat.model, "".join(texts))
     tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)

@@ -16,7 +16,7 @@ from proxy_site.errors import ProxyError, UpstreamError, UpstreamTimeout, error_
 
 from .models import UsageRecord
 from .policy import PreparedChat
-from .tokens import count_text_tokens
+from .tokens import count_text_tokens, reported_tokens
 from .usage import UsageTracker
 
 logger = logging.getLogger(__name__)
@@ -163,11 +163,12 @@ class ChatStreamRelay:
     def _settle(self, status: str, http_status: int, reason: str) -> dict:
         """Charge the upstream's usage, or the proxy's own count without it."""
         self.settled = True
-        if self.usage is not None:
-            prompt_tokens = int(self.usage.get("prompt_tokens") or 0)
-            completion_tokens = int(self.usage.get("completion_tokens") or 0)
-        else:
+        usage = self.usage or {}
+        prompt_tokens = reported_tokens(usage.get("prompt_tokens"))
+        completion_tokens = reported_tokens(usage.get("completion_tokens"))
+        if prompt_tokens is None:
             prompt_tokens = self.chat.prompt_tokens
+        if completion_tokens is None:
             text = "".join(self.completion_text)
             completion_tokens = count_text_tokens(self.chat.model, text)
         self.tracker.settle(

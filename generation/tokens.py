@@ -106,3 +106,11 @@ def message_texts(message: dict) -> list[str]:
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
             texts.append(function["arguments"])
     return texts
+
+
+def reported_tokens(value: object) -> int | None:
+    """Return a token count reported by the upstream, or None if it is not a
+    count (missing, negative, fractional or not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value

@@ -3,8 +3,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404
+from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
@@ -171,7 +170,9 @@ class TierAdmin(admin.ModelAdmin):
 
     def try_prompt_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """Decide a prompt for this tier as the API would, without the upstream."""
-        tier = get_object_or_404(Tier, pk=object_id)
+        tier = self.get_object(request, object_id)
+        if tier is None:
+            raise Http404(f"No tier has the id {object_id!r}.")
         if not self.has_view_permission(request, tier):
             raise PermissionDenied
         form = TryPromptForm(request.POST or None)

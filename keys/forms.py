@@ -2,6 +2,9 @@
 
 from django import forms
 
+from generation.policy import trial_arguments
+from generation.serializers import GenerateTextSerializer
+
 
 class TryPromptForm(forms.Form):
     """A request to decide against a tier's rules, as `check_prompt` takes it."""
@@ -19,14 +22,20 @@ class TryPromptForm(forms.Form):
         required=False, min_value=1, help_text="Empty: the tier's default."
     )
 
-    def evaluate_arguments(self) -> dict:
-        data = self.cleaned_data
-        messages = []
-        if data["system"]:
-            messages.append({"role": "system", "content": data["system"]})
-        messages.append({"role": "user", "content": data["prompt"]})
-        return {
-            "messages": messages,
-            "model": data["model"] or None,
-            "max_tokens": data["max_tokens"],
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        # The API's own validation decides, so that a prompt it would reject as
+        # invalid (a blank one, say) is not reported as allowed here.
+        data = {
+            name: value for name, value in cleaned.items() if value not in ("", None)
         }
+        serializer = GenerateTextSerializer(data=data)
+        if not serializer.is_valid():
+            for field, errors in serializer.errors.items():
+                self.add_error(field if field in self.fields else None, errors)
+            return cleaned
+        self.validated = serializer.validated_data
+        return cleaned
+
+    def evaluate_arguments(self) -> dict:
+        return trial_arguments(self.validated)

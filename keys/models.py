@@ -219,6 +219,19 @@ class APIKey(models.Model):
             return self.tokens_per_month
         return self.tier.tokens_per_month
 
+    def clean(self) -> None:
+        if self.expires_at is None or self.expires_at > timezone.now():
+            return
+        stored = None
+        if self.pk is not None:
+            stored = APIKey.objects.filter(pk=self.pk).values_list(
+                "expires_at", flat=True
+            )[0]
+        if stored != self.expires_at:
+            raise ValidationError(
+                {"expires_at": "The expiry time is in the past. Choose a later one."}
+            )
+
     def save(self, *args, **kwargs) -> None:
         validate_rate_list(self.rate_limits)
         # Revocation is one-way: a key that was revoked in the database stays so.

@@ -6,6 +6,10 @@ from django.core.exceptions import ValidationError
 
 # django-ratelimit's notation: a count, a slash, an optional multiplier and a
 # unit (s, m, h, d), e.g. "60/m", "1000/d", "5/10s".
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Longer periods overflow the cache's expiry times.
+MAX_RATE_PERIOD = 366 * 86400
+MAX_RATE_COUNT = 1_000_000_000
 _RATE = re.compile(r"^(?P<count>\d+)/(?P<multiplier>\d*)(?P<unit>[smhd])$")
 
 
@@ -27,6 +31,13 @@ def validate_rate(rate: str) -> None:
         raise ValidationError(
             f"{rate!r} is not a valid rate: the count and the period must be "
             "at least 1.",
+            code="invalid_rate",
+        )
+    period = int(match["multiplier"] or 1) * _UNIT_SECONDS[match["unit"]]
+    if period > MAX_RATE_PERIOD or int(match["count"]) > MAX_RATE_COUNT:
+        raise ValidationError(
+            f"{rate!r} is not a valid rate: the period may be at most 366 days "
+            f"and the count at most {MAX_RATE_COUNT}.",
             code="invalid_rate",
         )
 

@@ -8,7 +8,25 @@ from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
+
+class _Env(environ.Env):
+    """django-environ's reader, naming the variable when a value does not parse."""
+
+    def get_value(
+        self, var, cast=None, default=environ.Env.NOTSET, parse_default=False
+    ):
+        try:
+            return super().get_value(
+                var, cast=cast, default=default, parse_default=parse_default
+            )
+        except ValueError as exc:
+            raw = self.ENVIRON.get(var)
+            raise ImproperlyConfigured(
+                f"{var} has an invalid value {raw!r}: {exc}"
+            ) from exc
+
+
+env = _Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
@@ -162,7 +180,22 @@ RATELIMIT_USE_CACHE = "default"
 # The proxy applies its own failure policy, PROXY_LIMITS_FAIL_OPEN.
 RATELIMIT_FAIL_OPEN = False
 
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+if LOG_LEVEL not in _LOG_LEVELS:
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL is {LOG_LEVEL!r}; use one of {', '.join(_LOG_LEVELS)}."
+    )
+for _name in (
+    "PROXY_UPSTREAM_TIMEOUT",
+    "PROXY_MAX_REQUEST_BYTES",
+    "PROXY_MAX_TOKENS_CAP",
+):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(
+            f"{_name} must be more than 0, not {globals()[_name]}."
+        )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -197,3 +230,71 @@ LOGGING = {
 if not DEBUG:
     SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=True)
     CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=True)
+
+
+# ---------------------------------------------------------------------------
+# Production serving: static files, pooled database connections and HTTPS.
+# Every value comes from the environment; docs/production.md walks through
+# them, and `manage.py check --deploy` passes with the values listed there.
+# ---------------------------------------------------------------------------
+
+# WhiteNoise serves the admin's static files from STATIC_ROOT, which
+# `manage.py collectstatic` fills, so no separate web server is needed. It sits
+# right after SecurityMiddleware so that static responses get its headers but
+# skip sessions, CSRF and the rest.
+_WHITENOISE = "whitenoise.middleware.WhiteNoiseMiddleware"
+if _WHITENOISE not in MIDDLEWARE:
+    MIDDLEWARE.insert(
+        MIDDLEWARE.index("django.middleware.security.SecurityMiddleware") + 1,
+        _WHITENOISE,
+    )
+# Compressed copies (gzip, and Brotli when installed) are written at
+# collectstatic time. No manifest: templates render before collectstatic ran.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# DATABASE_POOL=on keeps a psycopg connection pool per worker process
+# (PostgreSQL only, needs psycopg[pool]). A request takes a connection from
+# the pool on its first query and returns it when the response is finished.
+# Sizes are per worker process: workers times DATABASE_POOL_MAX_SIZE must stay
+# below PostgreSQL's max_connections.
+if env.bool("DATABASE_POOL", default=False):
+    if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured(
+            "DATABASE_POOL is on, but DATABASE_URL is not a PostgreSQL URL. "
+            "Connection pooling needs postgres://; turn DATABASE_POOL off otherwise."
+        )
+    if DATABASES["default"]["CONN_MAX_AGE"] != 0:
+        raise ImproperlyConfigured(
+            "DATABASE_POOL is on and DATABASE_CONN_MAX_AGE is not 0. A pooled "
+            "connection goes back to the pool after each request; set "
+            "DATABASE_CONN_MAX_AGE=0 or turn DATABASE_POOL off."
+        )
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
+        "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
+        # Seconds a request waits for a free connection before it fails.
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+    }
+
+# HTTPS. The defaults suit a server reached over plain HTTP on a private
+# network; behind a TLS-terminating proxy set the values that
+# docs/production.md lists, which `check --deploy` expects.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False
+)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# The header by which a TLS-terminating proxy reports the scheme, such as
+# X-Forwarded-Proto. Set it only when that proxy always overwrites the header.
+_SSL_HEADER = env.str("SECURE_PROXY_SSL_HEADER", default="")
+if _SSL_HEADER:
+    SECURE_PROXY_SSL_HEADER = (
+        "HTTP_" + _SSL_HEADER.upper().replace("-", "_"),
+        "https",
+    )
+# Origins such as https://proxy.example.com whose admin form posts pass CSRF.
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])

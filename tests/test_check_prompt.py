@@ -75,3 +75,16 @@ def test_bad_max_tokens_is_an_error():
     make_tier("basic")
     with pytest.raises(CommandError, match="--max-tokens must be 1 or more"):
         run("--tier", "basic", "--max-tokens", "0", "hi")
+
+
+def test_blank_prompt_is_refused_as_invalid():
+    make_tier("basic")
+    out = run_refused("--tier", "basic", "   ")
+    assert "REFUSED (invalid_request)" in out
+    assert "prompt: This field may not be blank." in out
+
+
+def test_quota_message_matches_api():
+    make_tier("tiny", tokens_per_day=10, max_tokens_cap=100)
+    out = run_refused("--tier", "tiny", "hello")
+    assert "has 10 of 10 tokens left" in out

@@ -477,3 +477,35 @@ def test_healthz_rejects_post_with_405(client):
     response = client.post("/healthz")
     assert response.status_code == 405
     assert response["Allow"] == "GET, HEAD"
+
+
+def test_reply_without_choices_is_upstream_error(api_client, upstream):
+    upstream.queue(Behaviour(status=200, body={"unexpected": True}))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+def test_nonsense_usage_is_counted_by_proxy(api_client, upstream):
+    usage = {"prompt_tokens": -5, "completion_tokens": 2, "total_tokens": -3}
+    upstream.queue(Behaviour(usage=usage))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] > 0
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_prompt_whitespace_is_kept(api_client, upstream):
+    _, raw_key = make_key()
+    prompt = "  def f():\n    return 1\n\n"
+    post(api_client, {"prompt": prompt}, key=raw_key)
+    assert upstream.requests[0].json["messages"][-1]["content"] == prompt
+
+
+def test_model_with_newline_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi", "model": "gpt\n4o"}, key=raw_key)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "model"

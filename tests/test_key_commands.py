@@ -47,7 +47,7 @@ def test_issue_key_defaults_to_default_tier():
         ),
         pytest.param(["--name", "  "], "--name must not be empty", id="blank-name"),
         pytest.param(
-            ["--name", "n", "--expires-in-days", "0"], "1 or more", id="zero-days"
+            ["--name", "n", "--expires-in-days", "0"], "between 1 and", id="zero-days"
         ),
         pytest.param(
             ["--name", "n", "--expires-in-days", "x"],
@@ -55,6 +55,12 @@ def test_issue_key_defaults_to_default_tier():
             id="bad-days",
         ),
         pytest.param([], "--name", id="missing-name"),
+        pytest.param(
+            ["--name", "n", "--expires-in-days", "99999999999"],
+            "between 1 and 36500",
+            id="huge-days",
+        ),
+        pytest.param(["--name", "x" * 200], "maximum is 128", id="long-name"),
     ],
 )
 def test_issue_key_rejects_bad_arguments(args, message):

@@ -157,6 +157,9 @@ def test_valid_rates_pass(value):
         pytest.param("5/0m", id="zero-multiplier"),
         pytest.param("-1/m", id="negative"),
         pytest.param("60/m; 5/s", id="semicolon"),
+        pytest.param("1/99999999999999d", id="huge-period"),
+        pytest.param("1/367d", id="over-a-year"),
+        pytest.param("9999999999/m", id="huge-count"),
     ],
 )
 def test_invalid_rates_are_rejected(value):

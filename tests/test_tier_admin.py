@@ -111,3 +111,30 @@ def test_key_override_rejects_bad_rate(admin_client):
     )
     assert response.status_code == 200
     assert "not a valid rate" in response.content.decode()
+
+
+def test_try_prompt_unknown_tier_is_404(admin_client):
+    response = admin_client.get("/admin/keys/tier/abc/try-prompt/")
+    assert response.status_code == 404
+
+
+def test_try_prompt_blank_prompt_is_form_error(admin_client):
+    tier = make_tier("open")
+    response = try_prompt(admin_client, tier, prompt="   ")
+    assert response.context["decision"] is None
+    assert response.context["form"].errors["prompt"]
+
+
+def test_admin_rejects_key_expiring_in_past(admin_client):
+    tier = make_tier("plain")
+    response = admin_client.post(
+        "/admin/keys/apikey/add/",
+        {
+            "name": "late",
+            "tier": tier.pk,
+            "expires_at_0": "2000-01-01",
+            "expires_at_1": "00:00:00",
+        },
+    )
+    assert response.status_code == 200
+    assert "The expiry time is in the past" in response.content.decode()

@@ -2,11 +2,13 @@
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from generation.policy import Decision, evaluate_prompt
+from generation.policy import Decision, evaluate_prompt, trial_arguments
+from generation.serializers import GenerateTextSerializer
 from keys.models import Tier
 
 
 class Command(BaseCommand):
+    requires_system_checks = []
     help = (
         "Decide a prompt as the API would for a key of the given tier: allowed "
         "models, prompt length, prompt rules and token caps. Nothing is sent "
@@ -36,15 +38,20 @@ class Command(BaseCommand):
         if options["max_tokens"] is not None and options["max_tokens"] < 1:
             raise CommandError("--max-tokens must be 1 or more.")
 
-        messages = []
-        if options["system"]:
-            messages.append({"role": "system", "content": options["system"]})
-        messages.append({"role": "user", "content": text})
+        # The input is validated as the API validates it, so a prompt the API
+        # would reject as invalid is not reported as allowed.
+        data = {"prompt": text}
+        for name in ("system", "model", "max_tokens"):
+            if options[name] is not None:
+                data[name] = options[name]
+        serializer = GenerateTextSerializer(data=data)
+        if not serializer.is_valid():
+            field, errors = next(iter(serializer.errors.items()))
+            self.stdout.write(self.style.ERROR("REFUSED (invalid_request)"))
+            self.stdout.write(f"Client would see: {field}: {errors[0]}")
+            raise CommandError("The prompt would be refused.", returncode=1)
         decision = evaluate_prompt(
-            tier=tier_obj,
-            messages=messages,
-            model=options["model"],
-            max_tokens=options["max_tokens"],
+            tier=tier_obj, **trial_arguments(serializer.validated_data)
         )
         self._write(decision)
         if not decision.allowed:

@@ -5,11 +5,16 @@ import datetime
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from keys.models import Tier
+from keys.models import APIKey, Tier
 from keys.services import issue_key
+
+# A hundred years: longer expiries overflow date arithmetic.
+MAX_DAYS = 36_500
 
 
 class Command(BaseCommand):
+    # The command needs no system checks, whose warnings would bury its output.
+    requires_system_checks = []
     help = (
         "Issue a new API key for a tier. The key is printed alone on the last "
         "line of standard output; it is not stored and cannot be shown again."
@@ -35,9 +40,15 @@ class Command(BaseCommand):
         name = name.strip()
         if not name:
             raise CommandError("--name must not be empty.")
-        if expires_in_days is not None and expires_in_days < 1:
+        max_name = APIKey._meta.get_field("name").max_length
+        if len(name) > max_name:
             raise CommandError(
-                f"--expires-in-days must be 1 or more, not {expires_in_days}."
+                f"--name is {len(name)} characters long; the maximum is {max_name}."
+            )
+        if expires_in_days is not None and not 1 <= expires_in_days <= MAX_DAYS:
+            raise CommandError(
+                f"--expires-in-days must be between 1 and {MAX_DAYS}, "
+                f"not {expires_in_days}."
             )
         try:
             tier_obj = Tier.objects.get(name=tier)

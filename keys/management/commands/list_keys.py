@@ -10,6 +10,7 @@ def _when(value) -> str:
 
 
 class Command(BaseCommand):
+    requires_system_checks = []
     help = (
         "List API keys: prefix, name, tier, state and times. Secrets are never shown."
     )

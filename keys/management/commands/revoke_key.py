@@ -7,6 +7,7 @@ from keys.services import parse_prefix, revoke_key
 
 
 class Command(BaseCommand):
+    requires_system_checks = []
     help = "Revoke an API key, given its prefix or the whole key. Revocation is final."
 
     def add_arguments(self, parser: CommandParser) -> None:

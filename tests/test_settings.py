@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_check(**env) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "proxy_site.settings",
+        "DEBUG": "on",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param(
+            {"PROXY_UPSTREAM_TIMEOUT": "abc"},
+            "PROXY_UPSTREAM_TIMEOUT has an invalid value 'abc'",
+            id="timeout-not-a-number",
+        ),
+        pytest.param(
+            {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL is 'LOUD'", id="unknown-log-level"
+        ),
+        pytest.param(
+            {"PROXY_MAX_REQUEST_BYTES": "-1"},
+            "PROXY_MAX_REQUEST_BYTES must be more than 0",
+            id="negative-body-limit",
+        ),
+        pytest.param(
+            {"DEBUG": "off", "SECRET_KEY": ""}, "SECRET_KEY is not set", id="no-secret"
+        ),
+        pytest.param(
+            {"PROXY_TRUSTED_PROXIES": "not-a-network"},
+            "PROXY_TRUSTED_PROXIES contains 'not-a-network'",
+            id="bad-trusted-proxy",
+        ),
+    ],
+)
+def test_bad_setting_stops_start_with_its_name(env, message):
+    result = run_check(**env)
+    assert result.returncode != 0
+    assert message in result.stderr
