@@ -1,22 +1,19 @@
-"""Admin pages for tiers, prompt rules and API keys."""
+"""Admin pages for tiers and prompt rules. The API key admin is in keys.key_admin."""
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
-from django.utils import timezone
-from django.utils.html import format_html_join
-from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from generation.policy import evaluate_prompt
-from generation.quotas import usage_summary
 
+# Registers the API key admin, kept in its own module.
+from . import key_admin  # noqa: F401
 from .forms import TryPromptForm
-from .models import APIKey, PromptRule, Tier
-from .services import issue_key, revoke_key
+from .models import PromptRule, Tier
 
 
 @admin.register(PromptRule)
@@ -188,110 +185,3 @@ class TierAdmin(admin.ModelAdmin):
             "decision": decision,
         }
         return TemplateResponse(request, "admin/keys/tier/try_prompt.html", context)
-
-
-class KeyStateFilter(admin.SimpleListFilter):
-    title = "state"
-    parameter_name = "state"
-
-    def lookups(self, request, model_admin):
-        return [("active", "Active"), ("expired", "Expired"), ("revoked", "Revoked")]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        now = timezone.now()
-        if self.value() == "active":
-            return queryset.usable()
-        if self.value() == "expired":
-            return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
-        if self.value() == "revoked":
-            return queryset.filter(revoked_at__isnull=False)
-        return queryset
-
-
-@admin.register(APIKey)
-class APIKeyAdmin(admin.ModelAdmin):
-    list_display = [
-        "prefix",
-        "name",
-        "tier",
-        "created_at",
-        "last_used_at",
-        "expires_at",
-        "state",
-    ]
-    list_filter = ["tier", KeyStateFilter]
-    list_select_related = ["tier"]
-    search_fields = ["name", "prefix"]
-    actions = ["revoke_selected"]
-
-    _detail_fields = ["name", "tier", "prefix", "expires_at"]
-    _history_fields = ["created_at", "last_used_at", "revoked_at"]
-    _override_fields = ["rate_limits", "tokens_per_day", "tokens_per_month"]
-
-    def get_fieldsets(self, request, obj=None):
-        if obj is None:
-            return [(None, {"fields": ["name", "tier", "expires_at"]})]
-        return [
-            (None, {"fields": self._detail_fields}),
-            (
-                "Limits",
-                {
-                    "fields": [*self._override_fields, "usage"],
-                    "description": "Empty fields use the tier's value.",
-                },
-            ),
-            ("History", {"fields": self._history_fields}),
-        ]
-
-    def get_readonly_fields(self, request, obj=None):
-        if obj is None:
-            return []
-        if obj.is_revoked:
-            return [
-                *self._detail_fields,
-                *self._override_fields,
-                "usage",
-                *self._history_fields,
-            ]
-        return ["prefix", "usage", *self._history_fields]
-
-    @admin.display(description="usage")
-    def usage(self, api_key: APIKey) -> str:
-        lines = []
-        for period in usage_summary(api_key):
-            cap = period["cap"]
-            line = f"{period['label']}: {period['used']} tokens"
-            if cap is not None:
-                line += f" of {cap}"
-            if period["reserved"]:
-                line += f" ({period['reserved']} reserved by requests in flight)"
-            lines.append(line)
-        return format_html_join(mark_safe("<br>"), "{}", ((line,) for line in lines))
-
-    @admin.display(description="state")
-    def state(self, api_key: APIKey) -> str:
-        return api_key.state
-
-    def save_model(self, request, obj: APIKey, form, change: bool) -> None:
-        if change:
-            super().save_model(request, obj, form, change)
-            return
-        # A new key goes through the same code as the command, and its
-        # plaintext is shown this once.
-        created, raw_key = issue_key(
-            name=obj.name, tier=obj.tier, expires_at=obj.expires_at
-        )
-        obj.pk = created.pk
-        obj.prefix = created.prefix
-        obj.created_at = created.created_at
-        self.message_user(
-            request,
-            f"The new API key is {raw_key} . Copy it now: it is not stored "
-            "and will not be shown again.",
-            level=messages.WARNING,
-        )
-
-    @admin.action(description="Revoke selected API keys")
-    def revoke_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        revoked = sum(revoke_key(api_key=api_key) for api_key in queryset)
-        self.message_user(request, f"Revoked {revoked} API key(s).")

@@ -1,6 +1,9 @@
 """Tiers and the API keys that belong to them."""
 
+import datetime
+
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -93,16 +96,19 @@ class Tier(models.Model):
     max_tokens_cap = models.PositiveIntegerField(
         null=True,
         blank=True,
+        validators=[MinValueValidator(1)],
         help_text="Largest max_tokens a request may use; larger values are "
         "lowered to it. Empty: the proxy's PROXY_MAX_TOKENS_CAP.",
     )
     default_max_tokens = models.PositiveIntegerField(
         null=True,
         blank=True,
+        validators=[MinValueValidator(1)],
         help_text="max_tokens sent when a request names none. Empty: the cap.",
     )
     max_choices = models.PositiveSmallIntegerField(
         default=1,
+        validators=[MinValueValidator(1)],
         help_text="Largest n (completions per request); larger values are "
         "lowered to it.",
     )
@@ -140,6 +146,10 @@ class Tier(models.Model):
         super().save(*args, **kwargs)
 
 
+# The values of APIKey.state.
+KEY_STATES = ("active", "expired", "revoked")
+
+
 class APIKeyQuerySet(models.QuerySet):
     def usable(self) -> "APIKeyQuerySet":
         """Keys that are neither revoked nor expired."""
@@ -148,11 +158,43 @@ class APIKeyQuerySet(models.QuerySet):
             models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now)
         )
 
+    def expired(self) -> "APIKeyQuerySet":
+        """Keys past their expiry time that were not revoked."""
+        return self.filter(revoked_at__isnull=True, expires_at__lte=timezone.now())
+
+    def revoked(self) -> "APIKeyQuerySet":
+        return self.filter(revoked_at__isnull=False)
+
+    def in_state(self, state: str) -> "APIKeyQuerySet":
+        """Keys in `state`, one of KEY_STATES, as `APIKey.state` names it."""
+        if state == "active":
+            return self.usable()
+        if state == "expired":
+            return self.expired()
+        if state == "revoked":
+            return self.revoked()
+        raise ValueError(f"Unknown key state {state!r}; expected one of {KEY_STATES}.")
+
+    def used_since(self, cutoff: datetime.datetime) -> "APIKeyQuerySet":
+        return self.filter(last_used_at__gte=cutoff)
+
+    def never_used(self) -> "APIKeyQuerySet":
+        return self.filter(last_used_at__isnull=True)
+
+    def unused_since(self, cutoff: datetime.datetime) -> "APIKeyQuerySet":
+        """Keys last used before `cutoff`, or never used and created before it."""
+        return self.filter(
+            models.Q(last_used_at__lt=cutoff)
+            | models.Q(last_used_at__isnull=True, created_at__lt=cutoff)
+        )
+
 
 class APIKey(models.Model):
     """A client's key: a public prefix and the SHA-256 hash of the whole key.
 
-    The plaintext key is shown once when it is issued and never stored.
+    The plaintext key is shown once when it is issued or rotated and never
+    stored. After a rotation with a grace period, the replaced key's hash is
+    kept in `previous_hashed_key` and accepted until `previous_key_expires_at`.
     """
 
     name = models.CharField(max_length=128, help_text="Who or what the key is for.")
@@ -165,6 +207,12 @@ class APIKey(models.Model):
         null=True, blank=True, help_text="Empty: the key does not expire."
     )
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Empty unless a rotation left the replaced key working for a grace period.
+    previous_hashed_key = models.CharField(max_length=64, blank=True, editable=False)
+    previous_key_expires_at = models.DateTimeField(
+        "previous key works until", null=True, blank=True, editable=False
+    )
     rate_limits = models.CharField(
         max_length=256,
         blank=True,
@@ -194,6 +242,14 @@ class APIKey(models.Model):
     def is_expired(self, now=None) -> bool:
         now = now or timezone.now()
         return self.expires_at is not None and self.expires_at <= now
+
+    def accepts_previous_key(self, now: datetime.datetime) -> bool:
+        """Return True while the key replaced by the last rotation still works."""
+        return (
+            bool(self.previous_hashed_key)
+            and self.previous_key_expires_at is not None
+            and now < self.previous_key_expires_at
+        )
 
     @property
     def state(self) -> str:
