@@ -8,6 +8,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.text import Truncator
 
+from generation.charts import usage_chart
 from generation.policy import evaluate_prompt
 
 # Registers the API key admin, kept in its own module.
@@ -117,7 +118,7 @@ class TierRuleInline(admin.TabularInline):
 class TierAdmin(admin.ModelAdmin):
     list_display = ["name", "default_model", "key_count", "created_at"]
     search_fields = ["name", "description"]
-    readonly_fields = ["created_at", "updated_at"]
+    readonly_fields = ["created_at", "updated_at", usage_chart]
     fieldsets = [
         (
             None,
@@ -146,6 +147,7 @@ class TierAdmin(admin.ModelAdmin):
             },
         ),
         ("Privacy", {"fields": ["store_prompts"]}),
+        ("Usage", {"fields": [usage_chart]}),
         ("History", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
     ]
     inlines = [TierRuleInline]

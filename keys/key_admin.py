@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html_join
 from django.utils.safestring import mark_safe
 
+from generation.charts import usage_chart
 from generation.quotas import usage_summary
 
 from .models import KEY_STATES, APIKey
@@ -149,7 +150,7 @@ class APIKeyAdmin(admin.ModelAdmin):
             (
                 "Limits",
                 {
-                    "fields": [*self._override_fields, "usage"],
+                    "fields": [*self._override_fields, "usage", usage_chart],
                     "description": "Empty fields use the tier's value.",
                 },
             ),
@@ -164,9 +165,10 @@ class APIKeyAdmin(admin.ModelAdmin):
                 *self._detail_fields,
                 *self._override_fields,
                 "usage",
+                usage_chart,
                 *self._history_fields,
             ]
-        return ["prefix", "usage", *self._history_fields]
+        return ["prefix", "usage", usage_chart, *self._history_fields]
 
     @admin.display(description="usage")
     def usage(self, api_key: APIKey) -> str:

@@ -138,3 +138,17 @@ def test_admin_rejects_key_expiring_in_past(admin_client):
     )
     assert response.status_code == 200
     assert "The expiry time is in the past" in response.content.decode()
+
+
+def test_key_and_tier_pages_show_usage_charts(admin_client, api_client, upstream):
+    api_key, raw_key = make_key(tier=make_tier("charted"))
+    api_client.post(
+        "/generate-text/",
+        json.dumps({"prompt": "hi"}),
+        content_type="application/json",
+        headers={"x-api-key": raw_key},
+    )
+    key_page = admin_client.get(f"/admin/keys/apikey/{api_key.pk}/change/")
+    tier_page = admin_client.get(f"/admin/keys/tier/{api_key.tier.pk}/change/")
+    assert key_page.content.decode().count('class="usage-chart"') == 2
+    assert tier_page.content.decode().count('class="usage-chart"') == 2
