@@ -74,10 +74,13 @@ class ChatStreamRelay:
     def close(self) -> None:
         """Called by Django when the response ends, also when the client left
         before the first event was read."""
-        self._events.close()
-        if not self.settled:
-            self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
-            self.upstream.close()
+        try:
+            self._events.close()
+            if not self.settled:
+                self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+                self.upstream.close()
+        finally:
+            self.tracker.end_upstream_stream()
 
     def _generate(self) -> Iterator[bytes]:
         try:
@@ -95,6 +98,7 @@ class ChatStreamRelay:
             yield error_event(exc)
         finally:
             self.upstream.close()
+            self.tracker.end_upstream_stream()
 
     def _relay_events(self) -> Iterator[bytes]:
         for data in self._upstream_data():

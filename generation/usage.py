@@ -4,12 +4,15 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import openai
 from django.db import transaction
 from django.utils import timezone
 from rest_framework.exceptions import APIException
 
 from keys.models import APIKey
+from proxy_site import metrics
 from proxy_site.errors import PromptRejected, error_code
+from proxy_site.middleware import current_request_log
 
 from . import quotas
 from .models import UsageRecord
@@ -38,6 +41,11 @@ class UsageTracker:
         )
         self.reservation: quotas.Reservation | None = None
         self.called_upstream = False
+        self._upstream_stream_open = False
+        # The access log line and the request metrics read the outcome here.
+        request_log = current_request_log()
+        if request_log is not None:
+            request_log.usage_record = self.record
 
     def __enter__(self) -> "UsageTracker":
         return self
@@ -70,14 +78,36 @@ class UsageTracker:
             self.record.save()
 
     def call_upstream(self, call: Callable[[], T]) -> T:
-        """Run the upstream call, timing it for the record."""
+        """Run the upstream call, timing it for the record and the metrics.
+
+        A call that returns an open streaming response (openai's
+        `with_streaming_response`) stays counted as in flight until
+        `end_upstream_stream` is called.
+        """
         self.called_upstream = True
         started = time.monotonic()
+        metrics.UPSTREAM_IN_FLIGHT.inc()
+        result_is_stream = False
         try:
-            return call()
+            result = call()
+            result_is_stream = isinstance(result, openai.APIResponse)
+            return result
         finally:
-            elapsed_ms = (time.monotonic() - started) * 1000
-            self.record.upstream_latency_ms = round(elapsed_ms)
+            elapsed = time.monotonic() - started
+            self.record.upstream_latency_ms = round(elapsed * 1000)
+            metrics.UPSTREAM_LATENCY.labels(endpoint=self.record.endpoint).observe(
+                elapsed
+            )
+            if result_is_stream:
+                self._upstream_stream_open = True
+            else:
+                metrics.UPSTREAM_IN_FLIGHT.dec()
+
+    def end_upstream_stream(self) -> None:
+        """Count the upstream stream as ended; later calls do nothing."""
+        if self._upstream_stream_open:
+            self._upstream_stream_open = False
+            metrics.UPSTREAM_IN_FLIGHT.dec()
 
     def succeed(self, *, prompt_tokens: int, completion_tokens: int) -> None:
         """Settle the reservation to the upstream's usage and close the record."""

@@ -196,6 +196,47 @@ for _name in (
         raise ImproperlyConfigured(
             f"{_name} must be more than 0, not {globals()[_name]}."
         )
+
+# ---------------------------------------------------------------------------
+# Metrics and log format.
+# ---------------------------------------------------------------------------
+
+# Format of log lines: plain (`key=value` fields after the message) or json
+# (one JSON object per line, for every logger).
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain").lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT is {LOG_FORMAT!r}; use plain or json.")
+
+# GET /metrics: off (404, the default), open (anyone who reaches the proxy),
+# or token (requires `Authorization: Bearer <PROXY_METRICS_TOKEN>`). Setting
+# only PROXY_METRICS_TOKEN selects token.
+PROXY_METRICS_TOKEN = env.str("PROXY_METRICS_TOKEN", default="")
+PROXY_METRICS = env.str(
+    "PROXY_METRICS", default="token" if PROXY_METRICS_TOKEN else "off"
+).lower()
+# Shortest metrics token accepted, in characters.
+_MIN_METRICS_TOKEN_LENGTH = 16
+if PROXY_METRICS not in ("off", "open", "token"):
+    raise ImproperlyConfigured(
+        f"PROXY_METRICS is {PROXY_METRICS!r}; use off, open or token."
+    )
+if PROXY_METRICS == "token" and len(PROXY_METRICS_TOKEN) < _MIN_METRICS_TOKEN_LENGTH:
+    raise ImproperlyConfigured(
+        f"PROXY_METRICS is token, but PROXY_METRICS_TOKEN has fewer than "
+        f"{_MIN_METRICS_TOKEN_LENGTH} characters. Set it to a long random value, "
+        "such as the output of `python -c 'import secrets; "
+        "print(secrets.token_urlsafe(32))'`."
+    )
+# prometheus-client reads PROMETHEUS_MULTIPROC_DIR from the environment itself
+# and writes its value files there. It is checked here so that a wrong path
+# stops the start with the variable's name.
+_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="")
+if _MULTIPROC_DIR and not Path(_MULTIPROC_DIR).is_dir():
+    raise ImproperlyConfigured(
+        f"PROMETHEUS_MULTIPROC_DIR is {_MULTIPROC_DIR!r}, which is not a "
+        "directory. Create it (empty) before the server starts, or unset it."
+    )
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -205,20 +246,27 @@ LOGGING = {
     },
     "formatters": {
         "plain": {
-            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+            "class": "proxy_site.log_format.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
         },
+        "json": {"class": "proxy_site.log_format.JSONFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
             "filters": ["request_id"],
-            "formatter": "plain",
+            "formatter": LOG_FORMAT,
         },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Without handlers of its own, Django's lines reach only the root's
+        # handler, instead of also Django's console handler in its own format.
+        "django": {"handlers": []},
         # The proxy writes its own line per request; Django's would repeat it.
-        "django.server": {"level": "WARNING"},
+        # Django's defaults stop this logger's propagation, which would leave
+        # its warnings to Python's last-resort handler, unformatted.
+        "django.server": {"level": "WARNING", "propagate": True},
         "django.request": {"level": "ERROR", "filters": ["handled_errors"]},
         # The HTTP client logs every upstream URL at INFO.
         "httpx": {"level": "WARNING"},

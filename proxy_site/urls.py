@@ -4,8 +4,8 @@ from django.contrib import admin
 from django.urls import path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView
 
-from generation import openai_resources, openai_views, views
-from proxy_site import error_views
+from generation import health, openai_resources, openai_views, views
+from proxy_site import error_views, metrics
 
 urlpatterns = [
     # The original interface's path, with or without the trailing slash: a
@@ -29,6 +29,8 @@ urlpatterns = [
     # Django shows its own 404 page instead of handler404.
     re_path(r"^v1/", error_views.not_found),
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
+    path("readyz", health.readyz, name="readyz"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("admin/", admin.site.urls),
 ]
