@@ -104,7 +104,7 @@ def translate_error(exc: openai.OpenAIError) -> ProxyError:
         logger.warning("Upstream connection failed: %s", type(exc.__cause__).__name__)
         return UpstreamError()
     if not isinstance(exc, openai.APIStatusError):
-        logger.error("Upstream answer could not be read: %s", type(exc).__name__)
+        logger.error("Upstream response could not be read: %s", type(exc).__name__)
         return UpstreamError()
     status = exc.status_code
     upstream_id = exc.request_id or "-"
@@ -121,7 +121,10 @@ def translate_error(exc: openai.OpenAIError) -> ProxyError:
         return UpstreamMisconfigured()
     if 400 <= status < 500:
         logger.info(
-            "Upstream rejected the request with %s: %s", status, redact(exc.message)
+            "Upstream rejected the request with %s (upstream id %s): %s",
+            status,
+            upstream_id,
+            redact(exc.message),
         )
         return UpstreamRejectedRequest()
     logger.warning("Upstream failed with %s (upstream id %s).", status, upstream_id)

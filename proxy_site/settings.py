@@ -271,6 +271,8 @@ LOGGING = {
         # The HTTP client logs every upstream URL at INFO.
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        "httpcore2": {"level": "WARNING"},
         "openai": {"level": "WARNING"},
     },
 }
