@@ -40,3 +40,13 @@ fake-upstream: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+.PHONY: serve bench
+
+# Production server with the settings in gunicorn.conf.py (see docs/production.md).
+serve: $(VENV)/.installed
+	$(BIN)/gunicorn -c gunicorn.conf.py proxy_site.wsgi
+
+# Benchmark against a direct call and the LiteLLM proxy; writes docs/benchmarks.md.
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py

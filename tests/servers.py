@@ -61,6 +61,9 @@ class ProxyServer:
             "--workers=1",
             f"--threads={self._threads}",
             "--graceful-timeout=5",
+            # Every gunicorn shares one control socket path by default, so
+            # test servers would take it from each other and from others.
+            "--no-control-socket",
         ]
         # A new session makes the server and its worker one process group,
         # which stop() can kill as a whole if the server ignores SIGTERM.

@@ -1,0 +1,325 @@
+"""Benchmark the proxy against a direct call and the LiteLLM proxy; write the report.
+
+Run by hand with `make bench` (or `.venv/bin/python bench/run.py`). In one run
+it starts a fast fake upstream, the proxy under gunicorn with gunicorn.conf.py
+on PostgreSQL and Redis, and LiteLLM's proxy from its own virtualenv under
+/tmp (installed on first use), measures all three, and writes
+docs/benchmarks.md. All traffic stays on 127.0.0.1; every run is bounded in
+requests and seconds, and every process started here is stopped at the end.
+
+Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/
+proxy_bench, created if missing), BENCH_CACHE_URL (default
+redis://127.0.0.1:6379/10, flushed), BENCH_POOL_SIZE (database connections
+per worker, default 30), BENCH_WORK_DIR (default /tmp/proxy-bench).
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import load  # noqa: E402
+import report  # noqa: E402
+from launch import (  # noqa: E402
+    BIN,
+    LITELLM_MASTER_KEY,
+    LITELLM_VENV,
+    POOL_SIZE,
+    RESULTS_FILE,
+    ROOT,
+    SERVER_LIB,
+    TOOLS_VENV,
+    WORK,
+    WORKERS,
+    database_backends,
+    ensure_tools,
+    log,
+    prepare_database,
+    proxy_env,
+    start_gunicorn,
+    start_litellm,
+    start_uvicorn,
+)
+from servers import (  # noqa: E402
+    HOST,
+    CPUMeter,
+    RSSSampler,
+    Server,
+    free_port,
+    pids_named,
+    rss_mb,
+)
+
+INSTANT = "bench-instant"
+SLOW = "bench-delay-1000"
+STREAM_CHUNKS, STREAM_SPACING_MS = 20, 25
+STREAM = f"bench-stream-{STREAM_CHUNKS}x{STREAM_SPACING_MS}"
+
+# Bounds of each measurement: (clients, seconds, max requests).
+SEQUENTIAL = (1, 10.0, 300)
+CONCURRENT = (16, 10.0, 200_000)
+WARM_UP = (16, 3.0, 2_000)
+SLOW_SECONDS = 12.0
+STREAMS = 10
+
+
+def measure_target(
+    target: load.Target, servers_pids: list[int], cpu_groups: Callable
+) -> dict:
+    """Run every measurement against one target and return the results.
+
+    `cpu_groups` returns {name: pids} of the processes whose CPU time the
+    16-client run charges per request.
+    """
+    results: dict = {}
+    log(f"{target.name}: warm-up")
+    load.run_sync(
+        target,
+        load.chat_body(INSTANT),
+        clients=WARM_UP[0],
+        seconds=WARM_UP[1],
+        max_requests=WARM_UP[2],
+    )
+    results["rss_idle"] = [rss_mb(pid) for pid in servers_pids]
+    log(f"{target.name}: one client at a time")
+    clients, seconds, count = SEQUENTIAL
+    results["sequential"] = load.run_sync(
+        target,
+        load.chat_body(INSTANT),
+        clients=clients,
+        seconds=seconds,
+        max_requests=count,
+    )
+    log(f"{target.name}: {CONCURRENT[0]} clients, instant upstream")
+    clients, seconds, count = CONCURRENT
+    with CPUMeter(cpu_groups) as meter:
+        results["concurrent"] = load.run_sync(
+            target,
+            load.chat_body(INSTANT),
+            clients=clients,
+            seconds=seconds,
+            max_requests=count,
+        )
+    results["cpu"] = meter.used
+    with RSSSampler(servers_pids) as sampler:
+        for clients in (200, 500):
+            log(f"{target.name}: {clients} clients, 1-second upstream")
+            results[f"slow_{clients}"] = load.run_sync(
+                target,
+                load.chat_body(SLOW),
+                clients=clients,
+                seconds=SLOW_SECONDS,
+                max_requests=clients * 40,
+            )
+    results["rss_load"] = [sampler.peak[pid] for pid in servers_pids]
+    log(f"{target.name}: streams")
+    results["stream"] = load.run_sync(
+        target,
+        load.chat_body(STREAM, stream=True),
+        clients=1,
+        seconds=30.0,
+        max_requests=STREAMS,
+    )
+    return results
+
+
+def profile_worker(pid: int, target: load.Target) -> str:
+    """Record a worker with py-spy under 16 clients; return collapsed stacks."""
+    output = WORK / "profile.txt"
+    spy = subprocess.Popen(
+        [
+            str(TOOLS_VENV / "bin" / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            "8",
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+            "--nonblocking",
+            # Only the thread holding the GIL: where the worker's CPU goes.
+            "--gil",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    load.run_sync(
+        target, load.chat_body(INSTANT), clients=16, seconds=9.0, max_requests=100_000
+    )
+    spy.wait(timeout=30)
+    return output.read_text() if output.exists() else ""
+
+
+def per_request_queries(env: dict[str, str], key: str) -> str:
+    result = subprocess.run(
+        [str(BIN / "python"), "bench/queries.py", key, INSTANT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout
+
+
+def compare_worker_models(env: dict[str, str], key: str) -> dict:
+    """Serve the same loads with gthread, gevent and uvicorn in turn.
+
+    gthread and gevent run twice, alternating, so that a change in the load
+    of other programs on the machine shows up as a difference between rounds.
+    """
+    gevent = {"GUNICORN_WORKER_CLASS": "gevent", "PYTHONPATH": str(SERVER_LIB)}
+    models = [
+        ("gthread, 256 threads, round 1", lambda: start_gunicorn(env, "gthread")),
+        (
+            "gevent, 1000 connections, round 1",
+            lambda: start_gunicorn(env, "gevent", **gevent),
+        ),
+        ("uvicorn (ASGI)", lambda: start_uvicorn(env)),
+        ("gthread, 256 threads, round 2", lambda: start_gunicorn(env, "gthread")),
+        (
+            "gevent, 1000 connections, round 2",
+            lambda: start_gunicorn(env, "gevent", **gevent),
+        ),
+    ]
+    results = {}
+    for name, start in models:
+        log(f"worker model {name}")
+        server, port = start()
+        try:
+            target = load.Target(name, HOST, port, "/v1/chat/completions", (key,))
+            load.run_sync(
+                target,
+                load.chat_body(INSTANT),
+                clients=WARM_UP[0],
+                seconds=WARM_UP[1],
+                max_requests=WARM_UP[2],
+            )
+            instant = load.run_sync(
+                target,
+                load.chat_body(INSTANT),
+                clients=16,
+                seconds=8.0,
+                max_requests=100_000,
+            )
+            slow = load.run_sync(
+                target,
+                load.chat_body(SLOW),
+                clients=200,
+                seconds=10.0,
+                max_requests=8_000,
+            )
+            results[name] = {"instant": instant, "slow_200": slow}
+        finally:
+            server.stop()
+    return results
+
+
+def main() -> None:
+    started = time.monotonic()
+    loadavg_start = Path("/proc/loadavg").read_text().strip()
+    ensure_tools()
+    upstream_port = free_port()
+    env = proxy_env(upstream_port)
+    keys = prepare_database(env)
+    servers: list[Server] = []
+    data: dict = {
+        "pool_size": POOL_SIZE,
+        "workers": WORKERS,
+        "loadavg_start": loadavg_start,
+    }
+    try:
+        upstream = Server(
+            "upstream",
+            [str(BIN / "python"), "bench/upstream.py", "--port", str(upstream_port)],
+            port=upstream_port,
+            ready_path="/health",
+            env=env,
+            cwd=ROOT,
+            log_path=WORK / "upstream.log",
+        ).start()
+        servers.append(upstream)
+        log("starting the proxy and LiteLLM")
+        proxy, proxy_port = start_gunicorn(env, "proxy")
+        servers.append(proxy)
+        litellm, litellm_port = start_litellm(upstream_port)
+        servers.append(litellm)
+        data["rss_start"] = {
+            "proxy": [rss_mb(pid) for pid in proxy.worker_pids()],
+            "litellm": [rss_mb(pid) for pid in litellm.worker_pids()],
+        }
+        path = "/v1/chat/completions"
+        targets = {
+            "direct": (
+                load.Target("direct", HOST, upstream_port, path),
+                [upstream.process.pid],
+            ),
+            "proxy": (
+                load.Target("proxy", HOST, proxy_port, path, (keys[0],)),
+                proxy.worker_pids(),
+            ),
+            "litellm": (
+                load.Target("litellm", HOST, litellm_port, path, (LITELLM_MASTER_KEY,)),
+                litellm.worker_pids(),
+            ),
+        }
+        data["targets"] = {}
+        for name, (target, pids) in targets.items():
+
+            def groups(pids: list[int] = pids, name: str = name) -> dict:
+                found = {"upstream": [upstream.process.pid]}
+                if name != "direct":
+                    found["server processes"] = pids
+                if name == "proxy":
+                    found["PostgreSQL backends"] = database_backends()
+                    found["Redis server"] = pids_named("redis-server")
+                return found
+
+            data["targets"][name] = measure_target(target, pids, groups)
+        log("proxy: 500 clients, 1-second upstream, a key per client")
+        data["slow_500_many_keys"] = load.run_sync(
+            load.Target("proxy", HOST, proxy_port, path, tuple(keys)),
+            load.chat_body(SLOW),
+            clients=500,
+            seconds=SLOW_SECONDS,
+            max_requests=20_000,
+        )
+        log("profiling a proxy worker")
+        data["profile"] = profile_worker(proxy.worker_pids()[0], targets["proxy"][0])
+        litellm.stop()
+        proxy.stop()
+        data["queries"] = per_request_queries(env, keys[0])
+        data["worker_models"] = compare_worker_models(env, keys[0])
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    data["elapsed"] = time.monotonic() - started
+    data["machine"] = report.describe_machine()
+    data["litellm_version"] = subprocess.run(
+        [
+            str(LITELLM_VENV / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('litellm'))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    RESULTS_FILE.write_bytes(pickle.dumps(data))
+    output = ROOT / "docs" / "benchmarks.md"
+    output.write_text(report.render(data))
+    log(f"wrote {output} in {data['elapsed']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Gunicorn settings for serving the proxy in production.
+
+Start it with `make serve`, which runs
+`.venv/bin/gunicorn -c gunicorn.conf.py proxy_site.wsgi`. Each value can be
+changed by the environment variable named beside it; docs/production.md
+explains them and docs/benchmarks.md shows how the defaults were chosen.
+"""
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+
+# gthread runs each request in a thread of a pool, so a worker serves
+# `threads` upstream calls at once, because a thread that waits on a socket
+# releases the GIL. docs/benchmarks.md compares it with gevent and uvicorn.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+# One process per core: the proxy's own work is CPU-bound Python.
+workers = _int("WEB_CONCURRENCY", os.cpu_count() or 1)
+# Requests each worker serves at once. A request also keeps one database
+# connection until it ends, so DATABASE_POOL_MAX_SIZE caps this in practice.
+threads = _int("GUNICORN_THREADS", 256)
+# Client connections (most of them idle keep-alives) each worker keeps open.
+worker_connections = _int("GUNICORN_WORKER_CONNECTIONS", 1000)
+
+# A generation may wait PROXY_UPSTREAM_TIMEOUT seconds for the upstream, and a
+# stream may pause that long between events. A worker that stays silent for
+# `timeout` seconds is killed, so it must be longer. Stopping (SIGTERM) waits
+# as long for requests in flight, so that their usage records are settled.
+_upstream_timeout = _float("PROXY_UPSTREAM_TIMEOUT", 60.0)
+timeout = int(_upstream_timeout) + 30
+graceful_timeout = int(_upstream_timeout) + 10
+# Seconds an idle keep-alive connection stays open. A load balancer in front
+# should close idle connections first, so set its idle timeout lower than this.
+keepalive = _int("GUNICORN_KEEPALIVE", 75)
+
+# The proxy writes one access line per request itself, with the request id.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# Pending connections the kernel queues before the workers accept them.
+backlog = _int("GUNICORN_BACKLOG", 2048)
+
+# gunicorn's control socket has one path per user, so a second instance on the
+# same host would take it over. The proxy does not use it.
+control_socket_disable = True

@@ -1,0 +1,175 @@
+"""The production configuration: deploy checks, gunicorn settings, pooling, static."""
+
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.management import call_command
+from django.test import Client
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONFIG = PROJECT_ROOT / "gunicorn.conf.py"
+# Seconds a settings or gunicorn subprocess may take.
+SUBPROCESS_TIMEOUT = 60
+
+# The environment that docs/production.md lists, with sample values.
+PRODUCTION_ENV = {
+    "DEBUG": "off",
+    "SECRET_KEY": "production-test-secret-key-with-more-than-fifty-characters-0123",
+    "ALLOWED_HOSTS": "proxy.example.com",
+    "DATABASE_URL": "postgres://proxy:secret@db.example.com:5432/proxy",
+    "DATABASE_POOL": "on",
+    "CACHE_URL": "redis://cache.example.com:6379/0",
+    "OPENAI_API_KEY": "sk-production-test-upstream-key",
+    "SECURE_PROXY_SSL_HEADER": "X-Forwarded-Proto",
+    "SECURE_SSL_REDIRECT": "on",
+    "SECURE_HSTS_SECONDS": "31536000",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "on",
+    "SECURE_HSTS_PRELOAD": "on",
+    "CSRF_TRUSTED_ORIGINS": "https://proxy.example.com",
+    "PROXY_LIMITS_FAIL_OPEN": "off",
+}
+
+
+def _run(command: list[str], **overrides: str) -> subprocess.CompletedProcess:
+    """Run a command in the project with the production environment.
+
+    Every variable the settings read from `.env` is given here, so a
+    developer's `.env` cannot change the outcome.
+    """
+    environment = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", ""),
+        "DJANGO_SETTINGS_MODULE": "proxy_site.settings",
+        **PRODUCTION_ENV,
+        **overrides,
+    }
+    return subprocess.run(
+        command,
+        cwd=PROJECT_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+
+
+def test_check_deploy_passes(tmp_path):
+    # An empty SQLite file: the check that lists unlimited tiers reads the
+    # database, and an empty one has no tiers to report. No other check
+    # connects to the database or the cache.
+    result = _run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        DATABASE_POOL="off",
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_deploy_warns_without_https_settings(tmp_path):
+    result = _run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        DATABASE_POOL="off",
+        SECURE_SSL_REDIRECT="off",
+        SECURE_HSTS_SECONDS="0",
+    )
+
+    assert "security.W004" in result.stderr + result.stdout
+    assert "security.W008" in result.stderr + result.stdout
+
+
+def _database_settings(**overrides: str) -> subprocess.CompletedProcess:
+    code = (
+        "import django, json; django.setup(); from django.conf import settings; "
+        "db = settings.DATABASES['default']; "
+        "print(json.dumps({'pool': db.get('OPTIONS', {}).get('pool'), "
+        "'conn_max_age': db['CONN_MAX_AGE']}))"
+    )
+    return _run([sys.executable, "-c", code], **overrides)
+
+
+def test_pool_options_from_environment():
+    result = _database_settings(DATABASE_POOL_MAX_SIZE="7", DATABASE_POOL_TIMEOUT="3")
+
+    assert result.returncode == 0, result.stderr
+    assert '"pool": {"min_size": 2, "max_size": 7, "timeout": 3.0}' in result.stdout
+
+
+def test_pool_off_by_default():
+    result = _database_settings(DATABASE_POOL="")
+
+    assert result.returncode == 0, result.stderr
+    assert '"pool": null' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, setting",
+    [
+        pytest.param(
+            {"DATABASE_URL": "sqlite:///pool.sqlite3"}, "DATABASE_URL", id="sqlite"
+        ),
+        pytest.param(
+            {"DATABASE_CONN_MAX_AGE": "60"}, "DATABASE_CONN_MAX_AGE", id="persistent"
+        ),
+    ],
+)
+def test_pool_rejects_misconfiguration(overrides, setting):
+    result = _database_settings(**overrides)
+
+    assert result.returncode != 0
+    assert setting in result.stderr
+
+
+def test_gunicorn_config_loads():
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+
+    result = _run(
+        [str(gunicorn), "--check-config", "-c", str(GUNICORN_CONFIG), "proxy_site.wsgi"]
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("upstream_timeout", [1, 60, 600], ids=lambda t: f"{t}s")
+def test_gunicorn_timeouts_exceed_upstream_timeout(monkeypatch, upstream_timeout):
+    monkeypatch.setenv("PROXY_UPSTREAM_TIMEOUT", str(upstream_timeout))
+
+    config = runpy.run_path(str(GUNICORN_CONFIG))
+
+    assert config["timeout"] > upstream_timeout
+    assert config["graceful_timeout"] > upstream_timeout
+
+
+def test_gunicorn_serves_many_requests_per_worker(monkeypatch):
+    for name in ("GUNICORN_WORKER_CLASS", "GUNICORN_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+
+    config = runpy.run_path(str(GUNICORN_CONFIG))
+
+    assert config["worker_class"] == "gthread"
+    assert config["threads"] >= 250
+    assert config["worker_connections"] >= config["threads"]
+
+
+def test_whitenoise_follows_security_middleware():
+    middleware = django_settings.MIDDLEWARE
+    security = middleware.index("django.middleware.security.SecurityMiddleware")
+
+    assert middleware[security + 1] == "whitenoise.middleware.WhiteNoiseMiddleware"
+
+
+def test_admin_static_served_after_collectstatic(settings, tmp_path):
+    settings.STATIC_ROOT = tmp_path
+    call_command("collectstatic", interactive=False, verbosity=0)
+
+    # A new client builds its middleware now, so WhiteNoise indexes the new files.
+    response = Client().get("/static/admin/css/base.css")
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/css")
