@@ -156,19 +156,24 @@ def _is_trusted(address: str, networks) -> bool:
     return any(ip in network for network in networks)
 
 
-def check_failed_attempts(request: HttpRequest) -> None:
-    """Raise TooManyFailedAttempts when this address sent too many wrong keys."""
+def _count_failed_attempts(
+    request: HttpRequest, *, increment: bool
+) -> list[WindowUsage]:
     rate = settings.PROXY_FAILED_AUTH_RATE
     if not rate:
-        return
-    usages = count_request(
+        return []
+    return count_request(
         request,
         group=FAILED_AUTH_GROUP,
         value=client_ip(request),
         rates=[rate],
-        increment=False,
+        increment=increment,
     )
-    for usage in usages:
+
+
+def check_failed_attempts(request: HttpRequest) -> None:
+    """Raise TooManyFailedAttempts when this address sent too many wrong keys."""
+    for usage in _count_failed_attempts(request, increment=False):
         if usage.count >= usage.limit:
             raise TooManyFailedAttempts(retry_after=usage.reset)
 
@@ -180,17 +185,7 @@ def record_failed_attempt(request: HttpRequest) -> None:
     requests that arrive together can all pass it: an address gets at most
     the limit plus the number of its requests in flight at once evaluated.
     """
-    rate = settings.PROXY_FAILED_AUTH_RATE
-    if not rate:
-        return
-    usages = count_request(
-        request,
-        group=FAILED_AUTH_GROUP,
-        value=client_ip(request),
-        rates=[rate],
-        increment=True,
-    )
-    for usage in usages:
+    for usage in _count_failed_attempts(request, increment=True):
         if usage.exceeded:
             raise TooManyFailedAttempts(retry_after=usage.reset)
 
