@@ -5,13 +5,20 @@ import datetime
 import io
 import json
 
-from django.core.management.base import CommandError, OutputWrapper
+from django.core.management.base import CommandError, CommandParser, OutputWrapper
 
 from keys.models import APIKey, Tier
 from keys.services import parse_prefix
 
 # Fields of a newly issued or rotated key, in the order of CSV columns.
 ISSUED_FIELDS = ["prefix", "key", "name", "tier", "expires_at"]
+
+
+def add_key_argument(parser: CommandParser) -> None:
+    parser.add_argument(
+        "prefix",
+        help="The key's 8-character prefix, as list_keys shows it, or the whole key.",
+    )
 
 
 def get_key(value: str) -> APIKey:

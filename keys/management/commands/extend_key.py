@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from keys.services import MAX_EXPIRY_DAYS, KeyStateError, extend_expiry
 
-from ._common import get_key
+from ._common import add_key_argument, get_key
 
 
 class Command(BaseCommand):
@@ -17,11 +17,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "prefix",
-            help="The key's 8-character prefix, as list_keys shows it, or the "
-            "whole key.",
-        )
+        add_key_argument(parser)
         parser.add_argument(
             "--days",
             type=int,

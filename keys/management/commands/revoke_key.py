@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from keys.services import revoke_key
 
-from ._common import get_key
+from ._common import add_key_argument, get_key
 
 
 class Command(BaseCommand):
@@ -15,9 +15,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "prefix", help="The key's 8-character prefix, as list_keys shows it."
-        )
+        add_key_argument(parser)
         parser.add_argument(
             "--dry-run",
             action="store_true",

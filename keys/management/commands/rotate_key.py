@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from keys.models import APIKey
 from keys.services import MAX_GRACE, KeyStateError, rotate_key
 
-from ._common import get_key, issued_record, write_json
+from ._common import add_key_argument, get_key, issued_record, write_json
 
 MAX_GRACE_MINUTES = int(MAX_GRACE.total_seconds() // 60)
 
@@ -22,11 +22,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "prefix",
-            help="The key's 8-character prefix, as list_keys shows it, or the "
-            "whole key.",
-        )
+        add_key_argument(parser)
         parser.add_argument(
             "--grace-minutes",
             type=int,
