@@ -158,7 +158,7 @@ def prepare_chat(
 
 @dataclass(frozen=True)
 class Decision:
-    """What the tier's rules decide for a request, for operators trying prompts."""
+    """The tier's decision on a request, as shown to operators trying prompts."""
 
     allowed: bool
     # The error code the client would receive, when refused.

@@ -80,13 +80,13 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
             counter, _ = QuotaCounter.objects.get_or_create(
                 api_key=api_key, period=period, period_start=start
             )
-            held = (
+            reserved = (
                 QuotaCounter.objects.filter(pk=counter.pk)
                 .alias(total=F("used") + F("reserved"))
                 .filter(total__lte=cap - amount)
                 .update(reserved=F("reserved") + amount)
             )
-            if not held:
+            if not reserved:
                 raise _quota_exceeded(counter.pk, period, cap, amount, now)
             counters.append((period, start))
     return Reservation(api_key_id=api_key.pk, amount=amount, counters=tuple(counters))

@@ -41,9 +41,9 @@ class ChatStreamRelay:
     """Iterate over the client's stream of server-sent events, settling at the end.
 
     `upstream` is the openai client's streaming response, already opened with
-    a success status. `usage_requested` says whether the client asked for the
-    usage-only final event; the proxy always asks the upstream for it, and
-    drops it when the client did not.
+    a success status. `usage_requested` is true when the client requested the
+    usage-only final event. The proxy always requests it upstream, and drops
+    it when the client did not.
     """
 
     def __init__(
