@@ -273,7 +273,8 @@ LOGGING = {
         "httpx2": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
         "httpcore2": {"level": "WARNING"},
-        "openai": {"level": "WARNING"},
+        # The openai client logs its retries at INFO, with no URL or key.
+        "openai": {"level": "INFO"},
     },
 }
 

@@ -509,3 +509,15 @@ def test_model_with_newline_is_rejected(api_client, upstream):
     response = post(api_client, {"prompt": "hi", "model": "gpt\n4o"}, key=raw_key)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "model"
+
+
+def test_upstream_retries_are_logged(api_client, upstream, settings, caplog):
+    settings.PROXY_UPSTREAM_MAX_RETRIES = 1
+    upstream.queue(Behaviour(status=500))
+    _, raw_key = make_key()
+    with caplog.at_level(logging.INFO):
+        response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    retries = [r for r in caplog.records if "Retrying request" in r.getMessage()]
+    assert response.status_code == 200
+    assert len(retries) == 1
+    assert retries[0].request_id == response["X-Request-ID"]
