@@ -21,15 +21,23 @@ TOKENS_PER_REPLY = 3
 
 @functools.lru_cache(maxsize=32)
 def _encoding_for(model: str):
+    # bpe-openai 0.1 knows the encoding names of more models than it builds
+    # encodings for by model name (the embedding models, for one), so the
+    # encoding is looked up by its name.
     try:
-        return bpe_openai.encoding_for_model(model)
+        name = bpe_openai.encoding_name_for_model(model)
     except Exception:  # noqa: BLE001  (any unknown or foreign model name)
         return _fallback_encoding()
+    return _named_encoding(name)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=8)
+def _named_encoding(name: str):
+    return bpe_openai.get_encoding(name)
+
+
 def _fallback_encoding():
-    return bpe_openai.get_encoding(FALLBACK_ENCODING)
+    return _named_encoding(FALLBACK_ENCODING)
 
 
 # bpe-openai refuses to encode a million characters, or text that makes more

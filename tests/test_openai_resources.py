@@ -329,7 +329,8 @@ class TestEmbeddingRules:
     def test_block_rule_sees_token_ids(self, sdk, upstream, tier):
         rule = PromptRule.objects.create(name="r", pattern="forbidden", message="No.")
         tier.rules.add(rule)
-        token_ids = bpe_openai.get_encoding("o200k_base").encode("a forbidden word")
+        # text-embedding-3-small reads cl100k_base token ids.
+        token_ids = bpe_openai.get_encoding("cl100k_base").encode("a forbidden word")
         with pytest.raises(openai.BadRequestError) as excinfo:
             embed(sdk, model="text-embedding-3-small", input=[token_ids])
         assert excinfo.value.code == "prompt_rejected"

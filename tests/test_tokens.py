@@ -1,7 +1,12 @@
 import bpe_openai
 import pytest
 
-from generation.tokens import PIECE_CHARS, count_prompt_tokens, count_text_tokens
+from generation.tokens import (
+    PIECE_CHARS,
+    count_prompt_tokens,
+    count_text_tokens,
+    decode_tokens,
+)
 
 
 def test_known_text_counts_like_openai():
@@ -41,3 +46,8 @@ def test_unknown_model_falls_back_to_o200k():
 def test_prompt_count_includes_message_overhead():
     messages = [{"role": "user", "content": "hello world"}]
     assert count_prompt_tokens("gpt-4o-mini", messages) == 2 + 3 + 3
+
+
+def test_embedding_model_uses_cl100k():
+    # "my password" is tokens 2465 and 3636 in cl100k_base.
+    assert decode_tokens("text-embedding-3-small", [2465, 3636]) == "my password"
