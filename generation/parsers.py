@@ -1,6 +1,7 @@
 """A JSON parser that rejects bodies over the configured size."""
 
 import io
+import re
 
 from django.conf import settings
 from rest_framework.exceptions import ParseError
@@ -28,8 +29,35 @@ class LimitedJSONParser(JSONParser):
         if len(data) > limit:
             raise RequestTooLarge(f"The request body is over the {limit}-byte limit.")
         try:
-            return super().parse(io.BytesIO(data), media_type, parser_context)
+            parsed = super().parse(io.BytesIO(data), media_type, parser_context)
         except RecursionError as exc:
             raise ParseError(
                 "JSON parse error - the JSON is nested too deeply."
             ) from exc
+        if SURROGATE_ESCAPE.search(data) and has_lone_surrogate(parsed):
+            raise ParseError(
+                "JSON parse error - a string contains an unpaired UTF-16 "
+                "surrogate escape (from \\ud800 to \\udfff), which is not text."
+            )
+        return parsed
+
+
+# JSON decodes a surrogate pair escape into one character, but leaves a lone
+# surrogate in the string, and such a string cannot be encoded to send upstream.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(
+            has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return any(has_lone_surrogate(item) for item in value)
+    return False

@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 
 from keys.authentication import APIKeyAuthentication, HasAPIKey
 from keys.ratelimits import enforce_key_rates, rate_limit_headers
-from proxy_site.errors import error_body
+from proxy_site.errors import LengthRequired, error_body
 
 from .parsers import LimitedJSONParser
 from .schema import GENERATE_TEXT_RESPONSE, error_responses
@@ -52,6 +52,13 @@ class KeyedAPIView(APIView):
             self, request.method.lower()
         ):
             raise exceptions.MethodNotAllowed(request.method)
+        # Without a length, Django reads no body, and the request would look
+        # empty instead of being rejected.
+        meta = request.META
+        if "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower() and not meta.get(
+            "CONTENT_LENGTH"
+        ):
+            raise LengthRequired()
         super().initial(request, *args, **kwargs)
 
     def start(self, request: Request, endpoint: str) -> UsageTracker:

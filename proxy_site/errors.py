@@ -6,6 +6,8 @@ Every error leaves the proxy in one envelope, the one OpenAI's SDKs parse:
 
 import math
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -108,6 +110,16 @@ class PromptRejected(ProxyError):
     status_code = status.HTTP_400_BAD_REQUEST
     default_detail = "The prompt was rejected by a rule of this API key's tier."
     default_code = "prompt_rejected"
+    error_type = "invalid_request_error"
+
+
+class LengthRequired(ProxyError):
+    status_code = status.HTTP_411_LENGTH_REQUIRED
+    default_detail = (
+        "The request body must be sent with a Content-Length header; chunked "
+        "uploads are not supported."
+    )
+    default_code = "length_required"
     error_type = "invalid_request_error"
 
 
@@ -246,6 +258,13 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     """Render any DRF exception, and Django's 404, in the proxy's error envelope."""
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
+    if isinstance(exc, RequestDataTooBig):
+        # DRF reads the whole body through Django, which checks its length
+        # against DATA_UPLOAD_MAX_MEMORY_SIZE (set to PROXY_MAX_REQUEST_BYTES).
+        exc = RequestTooLarge(
+            f"The request body is larger than {settings.PROXY_MAX_REQUEST_BYTES} "
+            "bytes, the limit."
+        )
     if not isinstance(exc, exceptions.APIException):
         return None
     body, headers = envelope_for(exc)

@@ -151,6 +151,8 @@ PROXY_UPSTREAM_MAX_RETRIES = env.int("PROXY_UPSTREAM_MAX_RETRIES", default=0)
 PROXY_DEFAULT_MODEL = env.str("PROXY_DEFAULT_MODEL", default="gpt-4o-mini")
 # Largest request body, in bytes, that the API accepts before answering 413.
 PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=1_048_576)
+# Django's own body limit, checked before the API's parser reads the body.
+DATA_UPLOAD_MAX_MEMORY_SIZE = PROXY_MAX_REQUEST_BYTES
 # A key's "last used" time is written at most this often, in seconds, so that
 # a busy key does not cost a database write on every request.
 PROXY_LAST_USED_RESOLUTION = env.int("PROXY_LAST_USED_RESOLUTION", default=60)

@@ -521,3 +521,40 @@ def test_upstream_retries_are_logged(api_client, upstream, settings, caplog):
     assert response.status_code == 200
     assert len(retries) == 1
     assert retries[0].request_id == response["X-Request-ID"]
+
+
+def test_lone_surrogate_is_rejected(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, '{"prompt": "hi \\ud800"}', key=raw_key)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert upstream.requests == []
+
+
+def test_surrogate_pair_escape_is_text(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(api_client, '{"prompt": "hi \\ud83d\\ude00"}', key=raw_key)
+    assert response.status_code == 200
+    assert response.json()["text"] == "echo: hi \U0001f600"
+
+
+def test_declared_length_over_django_limit_is_413(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client, {"prompt": "hi"}, key=raw_key, CONTENT_LENGTH="99999999"
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_chunked_body_without_length_is_411(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client,
+        {"prompt": "hi"},
+        key=raw_key,
+        CONTENT_LENGTH="",
+        HTTP_TRANSFER_ENCODING="chunked",
+    )
+    assert response.status_code == 411
+    assert response.json()["error"]["code"] == "length_required"
