@@ -5,6 +5,8 @@ bad key gets 401 with `WWW-Authenticate`, so the SDKs raise their
 AuthenticationError; every other error has OpenAI's error body.
 """
 
+import json
+
 from django.http import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.renderers import JSONRenderer
@@ -34,14 +36,17 @@ _MANAGED_FIELDS = {
 }
 
 
-def _tool_texts(tools: list | None) -> list[str]:
-    """Return the descriptions in tool definitions, which the model reads too."""
-    texts = []
-    for tool in tools or []:
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("description"), str):
-            texts.append(function["description"])
-    return texts
+def _definition_texts(data: dict) -> list[str]:
+    """Return tool and response-format definitions as text, for the rules.
+
+    The model reads their names, descriptions and schemas too, so block rules
+    must see them; the JSON text keeps every nested description.
+    """
+    return [
+        json.dumps(data[field], ensure_ascii=False)
+        for field in ("tools", "response_format")
+        if data.get(field)
+    ]
 
 
 def _passthrough_event(event: dict, raw: str) -> bytes:
@@ -112,7 +117,7 @@ class ChatCompletionsView(OpenAIView):
                 max_tokens=data.get(limit_field),
                 max_tokens_field=limit_field,
                 choices=data.get("n"),
-                extra_texts=_tool_texts(data.get("tools")),
+                extra_texts=_definition_texts(data),
                 text_param="messages",
             )
             options = {

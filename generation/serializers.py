@@ -204,6 +204,9 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
     )
     parallel_tool_calls = StrictBooleanField(required=False, allow_null=True)
     user = StrictCharField(required=False, allow_blank=True, max_length=256)
+    metadata = TypedJSONField(
+        required=False, allow_null=True, types=(dict,), expected="an object"
+    )
     reasoning_effort = StrictCharField(required=False, max_length=32)
 
     def validate(self, attrs: dict) -> dict:

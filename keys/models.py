@@ -139,6 +139,19 @@ class Tier(models.Model):
     def allowed_model_list(self) -> list[str]:
         return split_list(self.allowed_models)
 
+    def clean(self) -> None:
+        allowed = self.allowed_model_list
+        if allowed and self.default_model and self.default_model not in allowed:
+            raise ValidationError(
+                {
+                    "default_model": f"The default model {self.default_model!r} is "
+                    "not in allowed_models, so every request that names no model "
+                    "would be refused. Add it there or choose an allowed model."
+                }
+            )
+        # Keep the list tidy, so that an empty-looking value means "any model".
+        self.allowed_models = ", ".join(allowed)
+
     def save(self, *args, **kwargs) -> None:
         # Rates are checked on every save, not only in forms, so a tier changed
         # from the shell cannot hold a rate the limiter would fail on.

@@ -336,6 +336,9 @@ if env.bool("DATABASE_POOL", default=False):
 # network; behind a TLS-terminating proxy set the values that
 # docs/production.md lists, which `check --deploy` expects.
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Health probes usually come over plain HTTP from inside the network; a
+# redirect would make them report nothing about the proxy.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
     "SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False

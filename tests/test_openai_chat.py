@@ -279,6 +279,20 @@ class TestRules:
         with pytest.raises(openai.BadRequestError):
             create(sdk, tools=tools)
 
+    def test_rule_checks_response_format(self, sdk, upstream, tier):
+        rule = PromptRule.objects.create(name="r", pattern="forbidden", message="No.")
+        tier.rules.add(rule)
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "description": "a forbidden schema"},
+        }
+        with pytest.raises(openai.BadRequestError):
+            create(sdk, response_format=response_format)
+
+    def test_metadata_is_accepted(self, sdk, upstream):
+        create(sdk, metadata={"team": "search"})
+        assert upstream.requests[0].json["metadata"] == {"team": "search"}
+
 
 class TestStreaming:
     def test_stream_without_usage_strips_usage_chunk(self, sdk, upstream):

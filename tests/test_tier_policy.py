@@ -3,6 +3,7 @@ import json
 
 import pytest
 import time_machine
+from django.core.exceptions import ValidationError
 
 from generation.models import QuotaCounter, UsageRecord
 from generation.policy import prepare_chat
@@ -309,3 +310,25 @@ def test_allow_rule_ignores_system_text(api_client, upstream):
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "prompt_rejected"
     assert allowed.status_code == 200
+
+
+def test_default_model_outside_allowed_list_is_invalid():
+    tier = make_tier("narrow")
+    tier.allowed_models = "gpt-4o-mini"
+    tier.default_model = "gpt-4o"
+    with pytest.raises(ValidationError) as excinfo:
+        tier.full_clean()
+    assert "default_model" in excinfo.value.message_dict
+
+
+def test_allowed_models_are_tidied_on_clean():
+    tier = make_tier("tidy")
+    tier.allowed_models = " gpt-4o ,,\ngpt-4o-mini,"
+    tier.full_clean()
+    assert tier.allowed_models == "gpt-4o, gpt-4o-mini"
+
+
+def test_health_probes_are_not_redirected(client, settings):
+    settings.SECURE_SSL_REDIRECT = True
+    response = client.get("/healthz")
+    assert response.status_code == 200

@@ -21,13 +21,18 @@ TEXT_FIELDS = {
     "no rate limit.",
     "system_prompt": "Sent as the first system message of every request. Empty: none.",
 }
+# Each help text ends with what 'none' (no value) means for that field.
 NULLABLE_NUMBER_FIELDS = {
-    "tokens_per_day": "Prompt plus completion tokens per key per UTC day.",
-    "tokens_per_month": "Prompt plus completion tokens per key per calendar month.",
-    "max_prompt_chars": "Longest prompt in characters, counting all text sent.",
-    "max_tokens_cap": "Largest max_tokens a request may use. 'none': the proxy's "
-    "PROXY_MAX_TOKENS_CAP.",
-    "default_max_tokens": "max_tokens sent when a request names none. 'none': the cap.",
+    "tokens_per_day": "Prompt plus completion tokens per key per UTC day. "
+    "'none': no daily cap.",
+    "tokens_per_month": "Prompt plus completion tokens per key per calendar "
+    "month. 'none': no monthly cap.",
+    "max_prompt_chars": "Longest prompt in characters, counting all text sent. "
+    "'none': no limit.",
+    "max_tokens_cap": "Largest max_tokens a request may use. 'none': the "
+    "proxy's PROXY_MAX_TOKENS_CAP applies.",
+    "default_max_tokens": "max_tokens sent when a request names none. 'none': "
+    "the cap is sent.",
 }
 SETTABLE_FIELDS = [
     *TEXT_FIELDS,
@@ -63,7 +68,7 @@ def _add_field_options(parser: CommandParser) -> None:
             _option(field),
             type=optional_number,
             default=argparse.SUPPRESS,
-            help=f"{help_text} 'none' removes the limit.",
+            help=help_text,
         )
     parser.add_argument(
         "--max-choices",
