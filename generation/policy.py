@@ -232,14 +232,19 @@ def evaluate_prompt(
     )
 
 
+def generate_text_messages(prompt: str, system: str | None) -> list[dict]:
+    """Build the chat messages of a /generate-text/ request."""
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
 def trial_arguments(data: dict) -> dict:
     """Turn a validated /generate-text/ body into evaluate_prompt's arguments."""
-    messages = []
-    if data.get("system"):
-        messages.append({"role": "system", "content": data["system"]})
-    messages.append({"role": "user", "content": data["prompt"]})
     return {
-        "messages": messages,
+        "messages": generate_text_messages(data["prompt"], data.get("system")),
         "model": data.get("model"),
         "max_tokens": data.get("max_tokens"),
     }

@@ -5,7 +5,7 @@ import logging
 
 from proxy_site.errors import UpstreamError
 
-from .policy import PreparedChat, prepare_chat
+from .policy import PreparedChat, generate_text_messages, prepare_chat
 from .streaming import ChatStreamRelay, EventRenderer, sse
 from .tokens import count_text_tokens, reported_tokens
 from .upstream import get_client, upstream_errors
@@ -85,14 +85,6 @@ def stream_chat(
     )
 
 
-def _generate_text_messages(prompt: str, system: str | None) -> list[dict]:
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": prompt})
-    return messages
-
-
 def generate_text(
     *,
     tracker: UsageTracker,
@@ -111,7 +103,7 @@ def generate_text(
     """
     chat = prepare_chat(
         tier=tracker.api_key.tier,
-        messages=_generate_text_messages(prompt, system),
+        messages=generate_text_messages(prompt, system),
         model=model,
         max_tokens=max_tokens,
     )
