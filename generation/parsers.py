@@ -11,10 +11,12 @@ from proxy_site.errors import RequestTooLarge
 
 
 class LimitedJSONParser(JSONParser):
-    """Parse JSON, answering 413 for a body over `PROXY_MAX_REQUEST_BYTES`.
+    """Parse JSON, raising RequestTooLarge (413) for a body over the limit.
 
-    DRF's parser reads the whole stream, and Django checks its own upload limit
-    only on `request.body`, so without this a client could send any size.
+    The limit is `PROXY_MAX_REQUEST_BYTES`. DRF 3.18 first reads the body
+    through `request.body`, where Django applies DATA_UPLOAD_MAX_MEMORY_SIZE
+    (set to the same value). This check keeps the limit when a test or a
+    later DRF passes the stream instead. It also rejects lone surrogates.
     """
 
     def parse(self, stream, media_type=None, parser_context=None):

@@ -57,7 +57,7 @@ def stream_chat(
 ) -> ChatStreamRelay:
     """Reserve quota and open an upstream stream; return the relay that reads it.
 
-    Failures before the upstream answers raise, as for complete_chat. From the
+    Failures before the upstream responds raise, as for complete_chat. From the
     first event on, the relay settles the quota and records the outcome.
     """
     tracker.reserve(chat)

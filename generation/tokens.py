@@ -21,7 +21,7 @@ TOKENS_PER_REPLY = 3
 
 @functools.lru_cache(maxsize=32)
 def _encoding_for(model: str):
-    # bpe-openai 0.1 knows the encoding names of more models than it builds
+    # bpe-openai 0.1 maps more models to encoding names of more models than it builds
     # encodings for by model name (the embedding models, for one), so the
     # encoding is looked up by its name.
     try:
@@ -80,7 +80,7 @@ def decode_tokens(model: str, token_ids: list[int]) -> str:
 
 
 def count_prompt_tokens(model: str, messages: list[dict]) -> int:
-    """Count the tokens a chat request's messages take, as the model sees them.
+    """Count the tokens a chat request's messages take, as the model reads them.
 
     Models that are not OpenAI's are counted with o200k_base; the count is
     then an estimate, and settlement uses the upstream's reported usage.

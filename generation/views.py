@@ -45,7 +45,7 @@ class KeyedAPIView(APIView):
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         self.rate_limit_headers: dict[str, str] = {}
-        # Answer a wrong method with 405 before asking for a key. The format is
+        # Reject a wrong method with 405 before checking the key. The format is
         # set first so that the error is rendered in the negotiated format.
         self.format_kwarg = self.get_format_suffix(**kwargs)
         if request.method.lower() not in self.http_method_names or not hasattr(

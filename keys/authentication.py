@@ -26,7 +26,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
 
     Every kind of failure (malformed, unknown, revoked, expired) raises the same
     error, so a client cannot learn which part of a key was wrong. A failure
-    answers 403 because `authenticate_header` returns nothing.
+    gets 403 because `authenticate_header` returns nothing.
     """
 
     def authenticate(self, request: Request) -> tuple[None, APIKey] | None:
@@ -47,7 +47,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
 
 
 class BearerAPIKeyAuthentication(APIKeyAuthentication):
-    """The same check, answering 401 with `WWW-Authenticate: Bearer`."""
+    """The same check, responding with 401 and `WWW-Authenticate: Bearer`."""
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="api"'

@@ -114,8 +114,8 @@ def _translation_table() -> dict[int, str | None]:
     for first, last in _IGNORABLE_RANGES:
         for code_point in range(first, last + 1):
             table[code_point] = None
-    # Small capitals ("ʙᴏᴍʙ") are not in the confusables data; their Unicode
-    # names say which Latin letter they are.
+    # Small capitals ("ʙᴏᴍʙ") are not in the confusables data, so their
+    # Unicode names give the Latin letter.
     for code_point in range(0x80, sys.maxunicode + 1):
         match = _SMALL_CAPITAL.match(unicodedata.name(chr(code_point), ""))
         if match and code_point not in table:

@@ -1,9 +1,9 @@
 """Issue, look up, rotate, expire and revoke API keys.
 
-A key reads `sk-<prefix>-<secret>`: the prefix is 8 letters or digits, stored in
-clear and used to find the row; the secret is 40 letters or digits (about 238
-random bits), so a plain SHA-256 of the whole key is safe to store without salt
-or stretching.
+A key reads `sk-<prefix>-<secret>`. The prefix is 8 letters or digits, stored
+in clear and used to find the row. The secret is 40 letters or digits (about
+238 random bits), so a plain SHA-256 of the whole key is safe to store without
+salt or stretching.
 """
 
 import datetime

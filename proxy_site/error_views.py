@@ -1,4 +1,4 @@
-"""Django's error views, answering in the API's JSON error body.
+"""Django's error views, responding with the API's JSON error body.
 
 Pages under /admin/ keep Django's HTML error pages, which the admin links to.
 """

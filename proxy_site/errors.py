@@ -270,7 +270,7 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     body, headers = envelope_for(exc)
     status_code = exc.status_code
     if isinstance(exc, _AUTH_FAILURES) and status_code == status.HTTP_401_UNAUTHORIZED:
-        # DRF answers 401 only when the authenticator names a WWW-Authenticate
+        # DRF responds with 401 only when the authenticator names a WWW-Authenticate
         # scheme; it sets that header itself.
         headers["WWW-Authenticate"] = getattr(exc, "auth_header", None) or "Bearer"
     response = Response(body, status=status_code, headers=headers)

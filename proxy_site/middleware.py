@@ -74,9 +74,9 @@ class HandledErrorLogFilter(logging.Filter):
     """Drop Django's "Bad Gateway" lines for errors the proxy already logged.
 
     Django logs every 5xx response on `django.request`. A 5xx that the proxy
-    built from an upstream failure was logged where it was caught, with the
-    request id; only responses from an uncaught exception (with a traceback)
-    are kept.
+    built from an upstream failure was already logged where it was caught,
+    with the request id. Only responses from an uncaught exception (with a
+    traceback) are kept.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

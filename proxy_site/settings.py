@@ -142,14 +142,14 @@ SPECTACULAR_SETTINGS = {
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
 OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="https://api.openai.com/v1")
 
-# Seconds the proxy waits for the upstream before it answers 504.
+# Seconds the proxy waits for the upstream before it responds with 504.
 PROXY_UPSTREAM_TIMEOUT = env.float("PROXY_UPSTREAM_TIMEOUT", default=60.0)
 # Retries the openai client makes on its own. The default of 0 leaves the
 # decision to the proxy, which maps every failure to a status for the client.
 PROXY_UPSTREAM_MAX_RETRIES = env.int("PROXY_UPSTREAM_MAX_RETRIES", default=0)
 # Model used when neither the request nor the key's tier names one.
 PROXY_DEFAULT_MODEL = env.str("PROXY_DEFAULT_MODEL", default="gpt-4o-mini")
-# Largest request body, in bytes, that the API accepts before answering 413.
+# Largest request body, in bytes, that the API accepts; larger ones get 413.
 PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=1_048_576)
 # Django's own body limit, checked before the API's parser reads the body.
 DATA_UPLOAD_MAX_MEMORY_SIZE = PROXY_MAX_REQUEST_BYTES
@@ -161,8 +161,8 @@ PROXY_LAST_USED_RESOLUTION = env.int("PROXY_LAST_USED_RESOLUTION", default=60)
 # requests are lowered to it. It also bounds the tokens reserved per request.
 PROXY_MAX_TOKENS_CAP = env.int("PROXY_MAX_TOKENS_CAP", default=4096)
 
-# Rate limits. What happens when the cache that holds the counts is down:
-# closed (the default) answers 503 limits_unavailable, open serves unlimited.
+# Rate limits. What happens when the cache that stores the counts is down:
+# closed (the default) returns 503 limits_unavailable, open serves unlimited.
 PROXY_LIMITS_FAIL_OPEN = env.bool("PROXY_LIMITS_FAIL_OPEN", default=False)
 # Requests with a wrong API key allowed per client address, in
 # django-ratelimit notation. Empty: no limit.
@@ -333,7 +333,7 @@ if env.bool("DATABASE_POOL", default=False):
     }
 
 # HTTPS. The defaults suit a server reached over plain HTTP on a private
-# network; behind a TLS-terminating proxy set the values that
+# network. Behind a TLS-terminating proxy, set the values that
 # docs/production.md lists, which `check --deploy` expects.
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
 # Health probes usually come over plain HTTP from inside the network; a

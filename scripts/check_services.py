@@ -1,4 +1,4 @@
-"""Exit non-zero unless PostgreSQL and Redis answer at the given URLs.
+"""Exit non-zero unless PostgreSQL and Redis respond at the given URLs.
 
 Usage: check_services.py POSTGRES_URL REDIS_URL
 """

@@ -123,7 +123,7 @@ def test_list_keys_shows_prefix_and_state_not_secret():
     assert active.hashed_key not in out
 
 
-def test_list_keys_with_no_keys_says_how_to_issue():
+def test_list_keys_empty_hints_issue_key():
     out, err = run("list_keys")
     assert out.splitlines() == [out.splitlines()[0]]
     assert "issue_key" in err
