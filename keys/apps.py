@@ -6,4 +6,7 @@ class KeysConfig(AppConfig):
     verbose_name = "API keys and tiers"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import (
+            checks,  # noqa: F401  (registers the system checks)
+            signals,  # noqa: F401  (connects the receivers)
+        )

@@ -126,6 +126,9 @@ class Tier(models.Model):
         related_name="tiers",
         help_text="Prompt rules checked for every request of this tier.",
     )
+    # Raised whenever a rule of the tier or the set of its rules changes, so
+    # that workers know to read the rules again (see keys.rules.tier_rules).
+    rules_version = models.PositiveBigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -9,7 +9,7 @@ from operator import attrgetter
 import re2
 from django.core.exceptions import ValidationError
 
-from .models import PromptRule
+from .models import PromptRule, Tier
 from .normalization import match_forms, normalize
 
 logger = logging.getLogger(__name__)
@@ -237,3 +237,30 @@ def check_rules(
         rule=allow_rules[0],
         reason=f"matched no allow rule (tried {names})",
     )
+
+
+# Tiers whose rule lists are kept per process.
+_TIER_RULES_CACHE_SIZE = 256
+
+
+def tier_rules(tier: Tier) -> list[PromptRule]:
+    """Return the tier's enabled prompt rules, in order of name.
+
+    The list is kept per process under the tier's `rules_version`, which
+    rises whenever one of its rules or the set of its rules is saved through
+    Django (see keys.signals). A rule changed by raw SQL is seen once the
+    version rises for another reason.
+    """
+    return list(_tier_rules(tier.pk, tier.rules_version))
+
+
+@functools.lru_cache(maxsize=_TIER_RULES_CACHE_SIZE)
+def _tier_rules(tier_pk: int, rules_version: int) -> tuple[PromptRule, ...]:
+    return tuple(
+        PromptRule.objects.filter(tiers=tier_pk, enabled=True).order_by("name")
+    )
+
+
+def clear_tier_rules() -> None:
+    """Forget every tier's rule list in this process."""
+    _tier_rules.cache_clear()

@@ -8,6 +8,7 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from generation.upstream import reset_client
+from keys.rules import clear_tier_rules
 from tests.fake_upstream import FakeUpstream
 
 
@@ -50,6 +51,8 @@ def upstream(_upstream_server, settings):
 def _clean_state():
     cache.clear()
     reset_client()
+    # Tests reuse tier ids and versions, which the per-process list keys on.
+    clear_tier_rules()
     yield
     reset_client()
 

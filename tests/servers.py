@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -23,6 +24,26 @@ HOST = "127.0.0.1"
 READY_TIMEOUT = 20.0
 # Seconds a process may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 10.0
+
+
+def shared_environment(upstream_url: str) -> dict[str, str]:
+    """Return the environment that points a server process at the test database.
+
+    The process uses the test settings, the test run's PostgreSQL database
+    (the cache comes from the inherited CACHE_URL) and the fake upstream.
+    """
+    from django.db import connections
+
+    database = connections["default"].settings_dict
+    user = quote(database["USER"] or "", safe="")
+    password = quote(database["PASSWORD"] or "", safe="")
+    credentials = f"{user}:{password}@" if password else f"{user}@"
+    address = f"{database['HOST'] or HOST}:{database['PORT'] or 5432}"
+    return {
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"postgres://{credentials}{address}/{database['NAME']}",
+        "PROXY_TEST_UPSTREAM_URL": upstream_url,
+    }
 
 
 def free_port() -> int:

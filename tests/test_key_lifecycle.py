@@ -10,19 +10,18 @@ import http.client
 import json
 import os
 from collections.abc import Callable, Iterator
-from urllib.parse import quote
 
 import pytest
 import time_machine
 from django.conf import settings
-from django.db import connection, connections
+from django.db import connection
 from django.utils import timezone
 
 from generation.models import QuotaCounter, UsageRecord
-from keys.models import APIKey
+from keys.models import APIKey, PromptRule
 from keys.services import expire_unused_keys, revoke_key, rotate_key
 from tests.factories import make_key, make_tier
-from tests.servers import HOST, ProxyServer
+from tests.servers import HOST, ProxyServer, shared_environment
 
 START = datetime.datetime(2026, 5, 4, 9, 0, tzinfo=datetime.UTC)
 # Path, body and the status of a denied key on each authenticated API.
@@ -209,16 +208,7 @@ def postgresql() -> None:
 @pytest.fixture
 def two_servers(postgresql, transactional_db, upstream) -> Iterator[list[int]]:
     """Ports of two proxy processes on the test database and the fake upstream."""
-    database = connections["default"].settings_dict
-    user = quote(database["USER"] or "", safe="")
-    password = quote(database["PASSWORD"] or "", safe="")
-    credentials = f"{user}:{password}@" if password else f"{user}@"
-    address = f"{database['HOST'] or HOST}:{database['PORT'] or 5432}"
-    environment = {
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"postgres://{credentials}{address}/{database['NAME']}",
-        "PROXY_TEST_UPSTREAM_URL": upstream.base_url,
-    }
+    environment = shared_environment(upstream.base_url)
     servers = [ProxyServer(environment, threads=2) for _ in range(2)]
     try:
         for server in servers:
@@ -264,3 +254,19 @@ def test_rotation_reaches_every_process(two_servers, upstream):
 
     assert [status_from(port, old_key) for port in two_servers] == [403, 403]
     assert [status_from(port, new_key) for port in two_servers] == [200, 200]
+
+
+def test_rule_change_reaches_every_process(two_servers, upstream):
+    tier = make_tier("ruled")
+    _, raw_key = make_key(tier=tier)
+    assert [status_from(port, raw_key) for port in two_servers] == [200, 200]
+
+    rule = PromptRule.objects.create(name="no-hi", pattern="hi", message="No.")
+    tier.rules.add(rule)
+
+    assert [status_from(port, raw_key) for port in two_servers] == [400, 400]
+
+    rule.enabled = False
+    rule.save()
+
+    assert [status_from(port, raw_key) for port in two_servers] == [200, 200]
