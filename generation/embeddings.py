@@ -78,7 +78,7 @@ def create_embeddings(
             model=model_name,
             messages=[],
             max_tokens=0,
-            prompt_tokens=prompt_tokens,
+            known_prompt_tokens=prompt_tokens,
             client_texts=texts,
         )
     )

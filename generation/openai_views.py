@@ -7,11 +7,10 @@ AuthenticationError; every other error has OpenAI's error body.
 
 import json
 
-from django.http import HttpResponseBase
+from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
-from rest_framework.response import Response
 
 from keys.authentication import BearerAPIKeyAuthentication
 
@@ -77,12 +76,14 @@ class OpenAIView(KeyedAPIView):
         api_key = getattr(request, "auth", None)
         if api_key is None or not quotas.caps(api_key):
             return headers
-        capped = [p for p in quotas.usage_summary(api_key) if p["cap"] is not None]
-        tightest = min(capped, key=lambda p: p["cap"] - p["used"] - p["reserved"])
-        left = tightest["cap"] - tightest["used"] - tightest["reserved"]
-        reset = quotas.seconds_until(tightest["resets_at"])
-        headers["x-ratelimit-limit-tokens"] = str(tightest["cap"])
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, left))
+        # The counters as this request's own reservation or settlement left
+        # them; a request that never reached the quota reads them.
+        tracker = getattr(self, "tracker", None)
+        states = tracker.quota_states if tracker is not None else ()
+        tightest = quotas.tightest(states or quotas.current_states(api_key))
+        headers["x-ratelimit-limit-tokens"] = str(tightest.cap)
+        headers["x-ratelimit-remaining-tokens"] = str(tightest.left)
+        reset = quotas.seconds_until(tightest.resets_at)
         headers["x-ratelimit-reset-tokens"] = f"{reset}s"
         return headers
 
@@ -135,5 +136,6 @@ class ChatCompletionsView(OpenAIView):
                     render=_passthrough_event,
                 )
                 return event_stream_response(relay, self.rate_limit_headers)
-            completion = complete_chat(tracker=tracker, chat=chat, options=options)
-        return Response(completion.model_dump(mode="json", exclude_unset=True))
+            reply = complete_chat(tracker=tracker, chat=chat, options=options)
+        # The upstream's body goes out as it came, without a second encoding.
+        return HttpResponse(reply.content, content_type="application/json")

@@ -4,13 +4,14 @@ The view, the `check_prompt` command and the tier's admin page all call
 `prepare_chat`, so an operator's trial run decides exactly as a request would.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.utils import timezone
 
 from keys.models import PromptRule, Tier
-from keys.rules import check_rules
+from keys.rules import check_rules, tier_rules
 from keys.validators import split_list
 from proxy_site.errors import (
     ModelNotAllowed,
@@ -21,7 +22,12 @@ from proxy_site.errors import (
 
 from .models import QuotaCounter
 from .quotas import quota_exceeded_error
-from .tokens import count_prompt_tokens, count_text_tokens, message_texts
+from .tokens import (
+    count_prompt_tokens,
+    count_text_tokens,
+    message_texts,
+    prompt_token_bound,
+)
 
 QuotaPeriod = QuotaCounter.Period
 
@@ -34,18 +40,43 @@ class PreparedChat:
     # The tier's system prompt, if any, then the client's messages.
     messages: list[dict]
     max_tokens: int
-    prompt_tokens: int
     # The text the client sent, as the rules saw it.
     client_texts: list[str]
+    # Client text outside the messages (tool definitions), counted as prompt.
+    extra_texts: list[str] = field(default_factory=list)
     # Completions requested (OpenAI's `n`), after the tier's cap.
     choices: int = 1
     # The name the client used for the completion limit; OpenAI's newer
     # models take max_completion_tokens.
     max_tokens_field: str = "max_tokens"
+    # The prompt's tokens, when the caller counted them already.
+    known_prompt_tokens: int | None = None
+
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens in the model's encoding (loaded on first use)."""
+        if self.known_prompt_tokens is not None:
+            return self.known_prompt_tokens
+        return count_prompt_tokens(self.model, self.messages) + sum(
+            count_text_tokens(self.model, text) for text in self.extra_texts
+        )
+
+    @functools.cached_property
+    def prompt_token_bound(self) -> int:
+        """At least `prompt_tokens`, found without an encoding."""
+        if self.known_prompt_tokens is not None:
+            return self.known_prompt_tokens
+        return prompt_token_bound(self.messages, self.extra_texts)
 
     @property
     def worst_case_tokens(self) -> int:
+        """The most tokens the request can use: prompt plus every completion."""
         return self.prompt_tokens + self.choices * self.max_tokens
+
+    @property
+    def worst_case_bound(self) -> int:
+        """At least `worst_case_tokens`, found without an encoding."""
+        return self.prompt_token_bound + self.choices * self.max_tokens
 
     @property
     def upstream_limits(self) -> dict:
@@ -78,10 +109,6 @@ def check_length(*, tier: Tier, texts: list[str], param: str = "prompt") -> None
             f"allows at most {tier.max_prompt_chars}.",
             param=param,
         )
-
-
-def tier_rules(tier: Tier) -> list[PromptRule]:
-    return list(tier.rules.filter(enabled=True).order_by("name"))
 
 
 def check_prompt_rules(
@@ -148,9 +175,8 @@ def prepare_chat(
         model=model_name,
         messages=upstream_messages,
         max_tokens=resolve_max_tokens(tier=tier, requested=max_tokens),
-        prompt_tokens=count_prompt_tokens(model_name, upstream_messages)
-        + sum(count_text_tokens(model_name, text) for text in extra_texts or []),
         client_texts=texts,
+        extra_texts=list(extra_texts or []),
         choices=min(choices or 1, tier.max_choices),
         max_tokens_field=max_tokens_field,
     )

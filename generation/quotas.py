@@ -1,18 +1,21 @@
 """Hard token quotas per key and per UTC day and month.
 
 Before an upstream call the proxy reserves the request's worst case with one
-conditional UPDATE per capped period, so concurrent requests, in any number of
-processes, can never reserve past the cap. When the call ends the reservation
-is settled to the tokens the upstream reported, or released on failure.
+conditional upsert of the capped periods' counters, so concurrent requests,
+in any number of processes, can never reserve past the cap. When the call
+ends the reservation is settled to the tokens the upstream reported, or
+released on failure.
 """
 
+import dataclasses
 import datetime
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from django.db import transaction
-from django.db.models import F, Sum
+from django.db import connection
+from django.db.models import Sum
 from django.utils import timezone
 
 from keys.models import APIKey
@@ -26,6 +29,21 @@ Period = QuotaCounter.Period
 
 
 @dataclass(frozen=True)
+class QuotaState:
+    """One capped period's counter as a statement left it."""
+
+    period: str
+    cap: int
+    used: int
+    reserved: int
+    resets_at: datetime.datetime
+
+    @property
+    def left(self) -> int:
+        return max(0, self.cap - self.used - self.reserved)
+
+
+@dataclass(frozen=True)
 class Reservation:
     """Tokens held for one request in each capped period's counter."""
 
@@ -33,6 +51,8 @@ class Reservation:
     amount: int
     # (period, period_start) of every counter the amount was added to.
     counters: tuple[tuple[str, datetime.date], ...]
+    # The counters just after the amount was added.
+    states: tuple[QuotaState, ...] = ()
 
 
 def period_start(period: str, now: datetime.datetime) -> datetime.date:
@@ -69,34 +89,122 @@ def caps(api_key: APIKey) -> list[tuple[str, int]]:
 def reserve(*, api_key: APIKey, amount: int) -> Reservation:
     """Hold `amount` tokens in every capped period, or raise QuotaExceeded.
 
-    Call inside a transaction that also records the request, so that the
-    hold and its usage record are committed together.
+    One statement adds the amount to each capped period's counter, creating
+    counters for a new day or month, and only where it still fits under the
+    cap. When a period refuses, the periods that accepted are given back, so
+    a concurrent request may briefly see them as fuller than they are; that
+    can refuse a request near the cap, never admit one past it.
     """
     now = timezone.now()
-    counters = []
-    with transaction.atomic():
-        for period, cap in caps(api_key):
-            start = period_start(period, now)
-            counter, _ = QuotaCounter.objects.get_or_create(
-                api_key=api_key, period=period, period_start=start
+    key_caps = caps(api_key)
+    if not key_caps:
+        return Reservation(api_key_id=api_key.pk, amount=amount, counters=())
+    # Plain strings: the rows come back with the period as a str, and an
+    # enum member does not hash like its value.
+    periods = {
+        str(period): (period_start(period, now), cap) for period, cap in key_caps
+    }
+    for period, (start, cap) in periods.items():
+        if amount > cap:
+            # A new counter is created without the cap check, so an amount
+            # larger than the whole cap is refused before the statement.
+            raise _quota_exceeded(api_key, period, start, cap, amount, now)
+    rows = _reserve_rows(api_key.pk, periods, amount)
+    states = {period: (used, reserved) for period, used, reserved in rows}
+    refused = [period for period in periods if period not in states]
+    if refused:
+        if states:
+            _release_counters(api_key.pk, periods, amount, states)
+        period = refused[0]
+        start, cap = periods[period]
+        raise _quota_exceeded(api_key, period, start, cap, amount, now)
+    return Reservation(
+        api_key_id=api_key.pk,
+        amount=amount,
+        counters=tuple((period, start) for period, (start, _) in periods.items()),
+        states=tuple(
+            QuotaState(
+                period=period,
+                cap=cap,
+                used=states[period][0],
+                reserved=states[period][1],
+                resets_at=period_end(period, now),
             )
-            reserved = (
-                QuotaCounter.objects.filter(pk=counter.pk)
-                .alias(total=F("used") + F("reserved"))
-                .filter(total__lte=cap - amount)
-                .update(reserved=F("reserved") + amount)
-            )
-            if not reserved:
-                raise _quota_exceeded(counter.pk, period, cap, amount, now)
-            counters.append((period, start))
-    return Reservation(api_key_id=api_key.pk, amount=amount, counters=tuple(counters))
+            for period, (_, cap) in periods.items()
+        ),
+    )
+
+
+def _table() -> str:
+    return connection.ops.quote_name(QuotaCounter._meta.db_table)
+
+
+def _reserve_rows(
+    api_key_id: int, periods: dict[str, tuple[datetime.date, int]], amount: int
+) -> list[tuple[str, int, int]]:
+    table = _table()
+    values = ", ".join(["(%s, %s, %s, 0, %s)"] * len(periods))
+    params: list = []
+    for period, (start, _) in periods.items():
+        params += [api_key_id, period, start, amount]
+    cap_cases = " ".join(f"WHEN {table}.period = %s THEN %s" for _ in periods)
+    for period, (_, cap) in periods.items():
+        params += [period, cap]
+    sql = (
+        f"INSERT INTO {table} (api_key_id, period, period_start, used, reserved) "
+        f"VALUES {values} "
+        "ON CONFLICT (api_key_id, period, period_start) DO UPDATE "
+        f"SET reserved = {table}.reserved + excluded.reserved "
+        f"WHERE {table}.used + {table}.reserved + excluded.reserved "
+        f"<= CASE {cap_cases} END "
+        "RETURNING period, used, reserved"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _counter_filter(
+    api_key_id: int, counters: Iterable[tuple[str, datetime.date]]
+) -> tuple[str, list]:
+    """Return a WHERE clause and its parameters matching the given counters."""
+    clauses = []
+    params: list = [api_key_id]
+    for period, start in counters:
+        clauses.append("(period = %s AND period_start = %s)")
+        params += [period, start]
+    return f"api_key_id = %s AND ({' OR '.join(clauses)})", params
+
+
+def _release_counters(
+    api_key_id: int,
+    periods: dict[str, tuple[datetime.date, int]],
+    amount: int,
+    accepted: dict,
+) -> None:
+    where, params = _counter_filter(
+        api_key_id, [(period, periods[period][0]) for period in accepted]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_table()} SET reserved = reserved - %s WHERE {where}",
+            [amount, *params],
+        )
 
 
 def _quota_exceeded(
-    counter_pk: int, period: str, cap: int, amount: int, now: datetime.datetime
+    api_key: APIKey,
+    period: str,
+    start: datetime.date,
+    cap: int,
+    amount: int,
+    now: datetime.datetime,
 ) -> QuotaExceeded:
-    counter = QuotaCounter.objects.get(pk=counter_pk)
-    left = max(0, cap - counter.used - counter.reserved)
+    counter = QuotaCounter.objects.filter(
+        api_key=api_key, period=period, period_start=start
+    ).first()
+    taken = (counter.used + counter.reserved) if counter else 0
+    left = max(0, cap - taken)
     return quota_exceeded_error(
         period=period, cap=cap, left=left, amount=amount, now=now
     )
@@ -118,18 +226,48 @@ def quota_exceeded_error(
     )
 
 
-def settle(reservation: Reservation, *, used_tokens: int) -> None:
-    """Replace a reservation with the tokens really used (0 to release it)."""
+def settle(reservation: Reservation, *, used_tokens: int) -> tuple["QuotaState", ...]:
+    """Replace a reservation with the tokens really used (0 to release it).
+
+    Returns the counters as they stand afterwards.
+    """
     if not reservation.counters:
-        return
-    with transaction.atomic():
-        for period, start in reservation.counters:
-            QuotaCounter.objects.filter(
-                api_key_id=reservation.api_key_id, period=period, period_start=start
-            ).update(
-                reserved=F("reserved") - reservation.amount,
-                used=F("used") + used_tokens,
-            )
+        return ()
+    where, params = _counter_filter(reservation.api_key_id, reservation.counters)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_table()} SET reserved = reserved - %s, used = used + %s "
+            f"WHERE {where} RETURNING period, used, reserved",
+            [reservation.amount, used_tokens, *params],
+        )
+        rows = {period: (used, reserved) for period, used, reserved in cursor}
+    return tuple(
+        dataclasses.replace(
+            state, used=rows[state.period][0], reserved=rows[state.period][1]
+        )
+        for state in reservation.states
+        if state.period in rows
+    )
+
+
+def tightest(states: Iterable["QuotaState"]) -> "QuotaState | None":
+    """Return the capped period with the fewest tokens left, if any."""
+    return min(states, key=lambda state: state.left, default=None)
+
+
+def current_states(api_key: APIKey) -> tuple["QuotaState", ...]:
+    """Read the key's capped counters for the current day and month."""
+    return tuple(
+        QuotaState(
+            period=entry["period"],
+            cap=entry["cap"],
+            used=entry["used"],
+            reserved=entry["reserved"],
+            resets_at=entry["resets_at"],
+        )
+        for entry in usage_summary(api_key)
+        if entry["cap"] is not None
+    )
 
 
 def usage_summary(api_key: APIKey) -> list[dict]:

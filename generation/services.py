@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import dataclass
 
 from proxy_site.errors import UpstreamError
 
@@ -14,36 +15,80 @@ from .usage import UsageTracker
 logger = logging.getLogger(__name__)
 
 
-def complete_chat(*, tracker: UsageTracker, chat: PreparedChat, options: dict):
-    """Reserve quota, call the chat completions API, settle, return the completion.
+@dataclass(frozen=True)
+class ChatReply:
+    """An upstream chat completion: its JSON body as sent, and as parsed."""
+
+    content: bytes
+    data: dict
+
+    @property
+    def choices(self) -> list[dict]:
+        return self.data["choices"]
+
+    def text(self) -> str:
+        """Return the first choice's message text, or "" if it has none."""
+        return _message_text(self.choices[0])
+
+
+def _message_text(choice: dict) -> str:
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def _parse_reply(content: bytes) -> ChatReply:
+    """Check that the upstream body is a chat completion with choices."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        logger.error("Upstream chat completion is not JSON.")
+        raise UpstreamError() from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
+        logger.error("Upstream chat completion has no choices.")
+        raise UpstreamError()
+    if not all(isinstance(choice, dict) for choice in choices):
+        logger.error("Upstream chat completion has a choice that is not an object.")
+        raise UpstreamError()
+    return ChatReply(content=content, data=data)
+
+
+def complete_chat(
+    *, tracker: UsageTracker, chat: PreparedChat, options: dict
+) -> ChatReply:
+    """Reserve quota, call the chat completions API, settle, return the reply.
+
+    The reply's body is kept as the upstream sent it, so that the view can
+    pass it on without building it again.
 
     Raises a ProxyError subclass when the quota or the upstream stops the
     request; the tracker records the outcome either way.
     """
     tracker.reserve(chat)
     with upstream_errors():
-        completion = tracker.call_upstream(
-            lambda: get_client().chat.completions.create(
+        response = tracker.call_upstream(
+            lambda: get_client().chat.completions.with_raw_response.create(
                 model=chat.model,
                 messages=chat.messages,
                 **chat.upstream_limits,
                 **options,
             )
         )
-    if not completion.choices:
-        logger.error("Upstream chat completion has no choices.")
-        raise UpstreamError()
-    usage = completion.usage
-    prompt_tokens = reported_tokens(usage.prompt_tokens) if usage else None
-    completion_tokens = reported_tokens(usage.completion_tokens) if usage else None
+        content = response.http_response.read()
+    reply = _parse_reply(content)
+    usage = reply.data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    prompt_tokens = reported_tokens(usage.get("prompt_tokens"))
+    completion_tokens = reported_tokens(usage.get("completion_tokens"))
     # Some OpenAI-compatible servers report no usage, or nonsense; count it here.
     if prompt_tokens is None:
         prompt_tokens = chat.prompt_tokens
     if completion_tokens is None:
-        texts = [choice.message.content or "" for choice in completion.choices]
+        texts = [_message_text(choice) for choice in reply.choices]
         completion_tokens = count_text_tokens(chat.model, "".join(texts))
     tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-    return completion
+    return reply
 
 
 def stream_chat(
@@ -118,12 +163,14 @@ def generate_text(
             finish=lambda usage: sse(json.dumps({"model": chat.model, "usage": usage})),
         )
 
-    completion = complete_chat(tracker=tracker, chat=chat, options=options)
-    choice = completion.choices[0] if completion.choices else None
+    reply = complete_chat(tracker=tracker, chat=chat, options=options)
     record = tracker.record
+    model_name = reply.data.get("model")
     return {
-        "text": (choice.message.content if choice else None) or "",
-        "model": completion.model or chat.model,
+        "text": reply.text(),
+        "model": model_name
+        if isinstance(model_name, str) and model_name
+        else chat.model,
         "usage": {
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,

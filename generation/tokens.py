@@ -3,12 +3,14 @@
 The encodings come from bpe-openai, which offers tiktoken's interface and
 ships the encoding files inside its wheel. tiktoken itself downloads them on
 first use, which fails on hosts without outbound network access.
+
+bpe-openai and one encoding take about 150 MB in a process, so the module is
+imported on first use. A chat request is first reserved with
+`prompt_token_bound`, which needs no encoding; see UsageTracker.reserve.
 """
 
 import functools
 import logging
-
-import bpe_openai
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +23,8 @@ TOKENS_PER_REPLY = 3
 
 @functools.lru_cache(maxsize=32)
 def _encoding_for(model: str):
+    import bpe_openai
+
     # bpe-openai 0.1 maps more models to encoding names of more models than it builds
     # encodings for by model name (the embedding models, for one), so the
     # encoding is looked up by its name.
@@ -33,6 +37,8 @@ def _encoding_for(model: str):
 
 @functools.lru_cache(maxsize=8)
 def _named_encoding(name: str):
+    import bpe_openai
+
     return bpe_openai.get_encoding(name)
 
 
@@ -92,6 +98,28 @@ def count_prompt_tokens(model: str, messages: list[dict]) -> int:
         for text in message_texts(message):
             total += _count(encoding, text)
     return total
+
+
+def prompt_token_bound(messages: list[dict], extra_texts: list[str] = ()) -> int:
+    """Return at least as many tokens as count_prompt_tokens would, without
+    an encoding.
+
+    Every token of a byte-level encoding stands for at least one byte of
+    UTF-8, so a text's byte length bounds its token count. For English text
+    the bound is about four times the count.
+    """
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        for text in message_texts(message):
+            total += _utf8_length(text)
+    return total + sum(_utf8_length(text) for text in extra_texts)
+
+
+def _utf8_length(text: str) -> int:
+    # Requests with lone surrogates are refused before this point; should one
+    # slip through, "surrogatepass" still counts it, as 3 bytes.
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def message_texts(message: dict) -> list[str]:

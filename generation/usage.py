@@ -5,13 +5,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import openai
-from django.db import transaction
+from django.db import connection
 from django.utils import timezone
 from rest_framework.exceptions import APIException
 
 from keys.models import APIKey
 from proxy_site import metrics
-from proxy_site.errors import PromptRejected, error_code
+from proxy_site.errors import PromptRejected, QuotaExceeded, error_code
 from proxy_site.middleware import current_request_log
 
 from . import quotas
@@ -40,6 +40,8 @@ class UsageTracker:
             status=Status.PENDING,
         )
         self.reservation: quotas.Reservation | None = None
+        # The capped periods' counters as this request last left them.
+        self.quota_states: tuple[quotas.QuotaState, ...] = ()
         self.called_upstream = False
         self._upstream_stream_open = False
         # The access log line and the request metrics read the outcome here.
@@ -67,15 +69,29 @@ class UsageTracker:
         return False
 
     def reserve(self, chat: PreparedChat) -> None:
-        """Hold the request's worst case and save the record as in flight."""
+        """Hold the request's worst case and save the record as in flight.
+
+        Raises QuotaExceeded when even the exact worst case does not fit.
+        """
         self.record.model = chat.model
         if self.api_key.tier.store_prompts:
             self.record.prompt_text = "\n\n".join(chat.client_texts)
-        amount = chat.worst_case_tokens
-        with transaction.atomic():
-            self.reservation = quotas.reserve(api_key=self.api_key, amount=amount)
-            self.record.reserved_tokens = amount
-            self.record.save()
+        # Counting tokens needs the model's encoding, which is slow to load and
+        # large, so the cheap bound is tried first. Only when the bound does
+        # not fit is the prompt counted, and the exact worst case tried.
+        try:
+            self.reservation = quotas.reserve(
+                api_key=self.api_key, amount=chat.worst_case_bound
+            )
+        except QuotaExceeded:
+            if chat.worst_case_tokens >= chat.worst_case_bound:
+                raise
+            self.reservation = quotas.reserve(
+                api_key=self.api_key, amount=chat.worst_case_tokens
+            )
+        self.quota_states = self.reservation.states
+        self.record.reserved_tokens = self.reservation.amount
+        self.record.save(force_insert=True)
 
     def call_upstream(self, call: Callable[[], T]) -> T:
         """Run the upstream call, timing it for the record and the metrics.
@@ -85,6 +101,7 @@ class UsageTracker:
         `end_upstream_stream` is called.
         """
         self.called_upstream = True
+        release_pooled_connection()
         started = time.monotonic()
         metrics.UPSTREAM_IN_FLIGHT.inc()
         result_is_stream = False
@@ -134,7 +151,7 @@ class UsageTracker:
         """
         if self.reservation is not None:
             used = prompt_tokens + completion_tokens
-            quotas.settle(self.reservation, used_tokens=used)
+            self.quota_states = quotas.settle(self.reservation, used_tokens=used)
             self.reservation = None
         self.record.status = status
         self.record.http_status = http_status
@@ -150,4 +167,33 @@ class UsageTracker:
 
     def _save(self) -> None:
         self.record.settled_at = timezone.now()
-        self.record.save()
+        if self.record.pk is None:
+            self.record.save(force_insert=True)
+        else:
+            self.record.save(update_fields=_SETTLED_FIELDS)
+
+
+# What settling changes in a record that reserve() saved.
+_SETTLED_FIELDS = [
+    "model",
+    "status",
+    "http_status",
+    "reason",
+    "rule",
+    "prompt_tokens",
+    "completion_tokens",
+    "upstream_latency_ms",
+    "settled_at",
+]
+
+
+def release_pooled_connection() -> None:
+    """Give the database connection back to the pool for the length of a call.
+
+    Upstream calls take seconds, and a request holding its connection through
+    one would cap the requests in flight at the pool size. The next query
+    takes a connection from the pool again. Outside a pool, or inside a
+    transaction, the connection stays.
+    """
+    if getattr(connection, "pool", None) and not connection.in_atomic_block:
+        connection.close()

@@ -45,6 +45,7 @@ class KeyedAPIView(APIView):
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         self.rate_limit_headers: dict[str, str] = {}
+        self.tracker: UsageTracker | None = None
         # Reject a wrong method with 405 before checking the key. The format is
         # set first so that the error is rendered in the negotiated format.
         self.format_kwarg = self.get_format_suffix(**kwargs)
@@ -68,6 +69,7 @@ class KeyedAPIView(APIView):
             endpoint=endpoint,
             request_id=request._request.request_id,
         )
+        self.tracker = tracker
         with tracker:
             usages = enforce_key_rates(request._request, api_key)
         self.rate_limit_headers = rate_limit_headers(usages)

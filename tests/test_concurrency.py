@@ -14,12 +14,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import quote
 
 import pytest
 import time_machine
 from django.conf import settings
-from django.db import connections
 from django.test import RequestFactory
 
 from generation.checks import PER_PROCESS_CACHES
@@ -29,7 +27,7 @@ from keys.models import APIKey, Tier
 from keys.ratelimits import KEY_GROUP, count_request
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import Behaviour
-from tests.servers import HOST, ProxyServer
+from tests.servers import HOST, ProxyServer, shared_environment
 
 PATH = "/generate-text/"
 PROMPT = "name three rivers"
@@ -237,16 +235,7 @@ def test_failed_call_releases_reservation(
 @pytest.fixture
 def proxy_servers(transactional_db, upstream) -> Iterator[list[ProxyServer]]:
     """Two proxy processes on the test database, the cache and the fake upstream."""
-    database = connections["default"].settings_dict
-    user = quote(database["USER"] or "", safe="")
-    password = quote(database["PASSWORD"] or "", safe="")
-    credentials = f"{user}:{password}@" if password else f"{user}@"
-    address = f"{database['HOST'] or HOST}:{database['PORT'] or 5432}"
-    environment = {
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"postgres://{credentials}{address}/{database['NAME']}",
-        "PROXY_TEST_UPSTREAM_URL": upstream.base_url,
-    }
+    environment = shared_environment(upstream.base_url)
     servers = [ProxyServer(environment), ProxyServer(environment)]
     try:
         for server in servers:
@@ -284,3 +273,43 @@ def test_rate_limit_is_shared_across_processes(proxy_servers, upstream):
     assert refusal_codes(replies) == {"rate_limit_exceeded"}
     assert len(upstream.requests) == 5
     assert UsageRecord.objects.filter(api_key=api_key).count() == 20
+
+
+# A pool this small, with this short a wait for a connection, fails a request
+# that waits for a connection held through the upstream call.
+POOL_SIZE = 2
+POOL_TIMEOUT = 0.5
+SLOW_UPSTREAM_DELAY = 1.5
+
+
+@pytest.fixture
+def pooled_server(transactional_db, upstream) -> Iterator[ProxyServer]:
+    """One proxy process with a tiny connection pool and enough threads."""
+    environment = {
+        **shared_environment(upstream.base_url),
+        "DATABASE_POOL": "on",
+        "DATABASE_CONN_MAX_AGE": "0",
+        "DATABASE_POOL_MIN_SIZE": "1",
+        "DATABASE_POOL_MAX_SIZE": str(POOL_SIZE),
+        "DATABASE_POOL_TIMEOUT": str(POOL_TIMEOUT),
+    }
+    server = ProxyServer(environment, threads=16).start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.usefixtures("shared_services")
+def test_upstream_calls_do_not_hold_pooled_connections(pooled_server, upstream):
+    _, raw_key = make_key(tier=make_tier("wide", tokens_per_day=10**9))
+    count = 5 * POOL_SIZE
+    upstream.queue(Behaviour(delay=SLOW_UPSTREAM_DELAY), times=count)
+
+    replies = post_at_once(
+        [pooled_server.port], raw_key, {"prompt": PROMPT}, count=count
+    )
+
+    assert statuses(replies) == [200] * count, pooled_server.output()
+    assert "PoolTimeout" not in pooled_server.output()

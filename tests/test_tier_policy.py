@@ -4,6 +4,8 @@ import json
 import pytest
 import time_machine
 from django.core.exceptions import ValidationError
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from generation.models import QuotaCounter, UsageRecord
 from generation.policy import prepare_chat
@@ -122,6 +124,64 @@ class TestRules:
         assert post(api_client, raw_key, prompt="a secret").status_code == 200
 
 
+class TestRuleChanges:
+    """Each worker keeps a tier's rules; every change through Django reaches it."""
+
+    @pytest.fixture
+    def ruled(self, api_client, upstream):
+        rule = PromptRule.objects.create(name="r", pattern="secret", message="No.")
+        tier = make_tier("ruled")
+        tier.rules.add(rule)
+        _, raw_key = make_key(tier=tier)
+        # The first request reads the rules and keeps them.
+        assert self.status(api_client, raw_key) == 400
+        return tier, rule, raw_key
+
+    @staticmethod
+    def status(api_client, raw_key, prompt="a secret") -> int:
+        return post(api_client, raw_key, prompt=prompt).status_code
+
+    def test_rules_are_read_once(self, api_client, ruled):
+        _, _, raw_key = ruled
+        with CaptureQueriesContext(connection) as queries:
+            assert self.status(api_client, raw_key) == 400
+        assert not [q for q in queries if "keys_promptrule" in q["sql"]]
+
+    def test_changed_pattern_applies(self, api_client, ruled):
+        _, rule, raw_key = ruled
+        rule.pattern = "river"
+        rule.save()
+        assert self.status(api_client, raw_key) == 200
+        assert self.status(api_client, raw_key, prompt="a river") == 400
+
+    def test_disabled_rule_stops_applying(self, api_client, ruled):
+        _, rule, raw_key = ruled
+        rule.enabled = False
+        rule.save()
+        assert self.status(api_client, raw_key) == 200
+
+    def test_removed_rule_stops_applying(self, api_client, ruled):
+        tier, rule, raw_key = ruled
+        tier.rules.remove(rule)
+        assert self.status(api_client, raw_key) == 200
+
+    def test_rule_removed_from_its_side_stops_applying(self, api_client, ruled):
+        tier, rule, raw_key = ruled
+        rule.tiers.clear()
+        assert self.status(api_client, raw_key) == 200
+
+    def test_deleted_rule_stops_applying(self, api_client, ruled):
+        _, rule, raw_key = ruled
+        rule.delete()
+        assert self.status(api_client, raw_key) == 200
+
+    def test_rule_added_from_its_side_applies(self, api_client, ruled):
+        tier, _, raw_key = ruled
+        other = PromptRule.objects.create(name="o", pattern="river", message="No.")
+        other.tiers.add(tier)
+        assert self.status(api_client, raw_key, prompt="a river") == 400
+
+
 class TestMaxTokensAndSystemPrompt:
     def test_max_tokens_is_lowered_to_tier_cap(self, api_client, upstream):
         _, raw_key = make_key(tier=make_tier("capped", max_tokens_cap=50))
@@ -214,6 +274,74 @@ class TestQuota:
         counter = QuotaCounter.objects.get(api_key=api_key, period="day")
         assert counter.reserved == 0
         assert counter.used == 0
+
+    def test_cheap_bound_is_reserved_when_it_fits(self, api_client, upstream, clock):
+        tier = make_tier("roomy", tokens_per_day=100_000, max_tokens_cap=10)
+        api_key, raw_key = make_key(tier=tier)
+        prompt = "hello hello hello hello"
+        chat = prepare_chat(
+            tier=tier, messages=[{"role": "user", "content": prompt}], max_tokens=10
+        )
+        assert chat.worst_case_bound > chat.worst_case_tokens
+
+        assert post(api_client, raw_key, prompt=prompt).status_code == 200
+
+        record = UsageRecord.objects.get(api_key=api_key)
+        assert record.reserved_tokens == chat.worst_case_bound
+
+    def test_request_with_room_loads_no_encoding(
+        self, api_client, upstream, clock, monkeypatch
+    ):
+        def no_encoding(model):
+            raise AssertionError(f"an encoding for {model} was loaded")
+
+        monkeypatch.setattr("generation.tokens._encoding_for", no_encoding)
+        tier = make_tier("roomy", tokens_per_day=100_000, tokens_per_month=10**6)
+        _, raw_key = make_key(tier=tier)
+
+        assert post(api_client, raw_key, prompt="hello").status_code == 200
+
+    def test_exact_count_is_tried_when_bound_does_not_fit(
+        self, api_client, upstream, clock
+    ):
+        tier = make_tier("snug", max_tokens_cap=10)
+        prompt = "hello hello hello hello"
+        chat = prepare_chat(
+            tier=tier, messages=[{"role": "user", "content": prompt}], max_tokens=10
+        )
+        # Room for the exact worst case, not for the bound.
+        tier.tokens_per_day = chat.worst_case_bound - 1
+        tier.save()
+        api_key, raw_key = make_key(tier=tier)
+
+        assert post(api_client, raw_key, prompt=prompt).status_code == 200
+
+        record = UsageRecord.objects.get(api_key=api_key)
+        assert record.reserved_tokens == chat.worst_case_tokens
+        counter = QuotaCounter.objects.get(api_key=api_key)
+        assert counter.reserved == 0
+
+    def test_refused_month_gives_back_the_day(self, api_client, upstream, clock):
+        tier = make_tier("two-caps", tokens_per_day=100_000, max_tokens_cap=10)
+        # Room for one request in a new month, so that the request reaches the
+        # statement that reserves both periods; but this month is used up.
+        tier.tokens_per_month = 10 * worst_case(tier)
+        tier.save()
+        api_key, raw_key = make_key(tier=tier)
+        QuotaCounter.objects.create(
+            api_key=api_key,
+            period=QuotaCounter.Period.MONTH,
+            period_start=START.date().replace(day=1),
+            used=tier.tokens_per_month,
+        )
+
+        response = post(api_client, raw_key)
+
+        assert response.status_code == 429
+        assert response.json()["error"]["quota_period"] == "month"
+        day = QuotaCounter.objects.get(api_key=api_key, period="day")
+        assert (day.used, day.reserved) == (0, 0)
+        assert upstream.requests == []
 
     def test_day_ends_at_utc_midnight(self):
         now = datetime.datetime(2026, 12, 31, 15, 30, tzinfo=datetime.UTC)
