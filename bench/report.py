@@ -181,10 +181,11 @@ def render(data: dict) -> str:
         "",
         "Each client sends its next request as soon as the last one returns, "
         "so N clients ask for N requests per second. Latency over one second is "
-        "time spent queued in front of the upstream call. This proxy serves at "
-        f"most {int(data['workers']) * int(data['pool_size'])} requests at once "
-        f"({data['workers']} workers times `DATABASE_POOL_MAX_SIZE`), because "
-        "each request holds a database connection until it ends.",
+        "time spent queued in front of the upstream call. This proxy gives its "
+        "database connection back to the pool during the upstream call, so the "
+        f"pool ({data['pool_size']} connections per worker) does not cap the "
+        "calls in flight; a request that waits longer than "
+        "`DATABASE_POOL_TIMEOUT` for a connection fails with 500.",
         "",
         *tables.slow_table(targets, data["slow_500_many_keys"]),
         "",

@@ -102,13 +102,15 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
     # Plain strings: the rows come back with the period as a str, and an
     # enum member does not hash like its value.
     periods = {
-        str(period): (period_start(period, now), cap) for period, cap in key_caps
+        str(period): (period_start(period, now), cap) for period, cap in sorted(key_caps)
     }
     for period, (start, cap) in periods.items():
         if amount > cap:
             # A new counter is created without the cap check, so an amount
             # larger than the whole cap is refused before the statement.
             raise _quota_exceeded(api_key, period, start, cap, amount, now)
+    # The rows are listed, and so locked, in order of period (see
+    # _counter_filter).
     rows = _reserve_rows(api_key.pk, periods, amount)
     states = {period: (used, reserved) for period, used, reserved in rows}
     refused = [period for period in periods if period not in states]
@@ -167,13 +169,25 @@ def _reserve_rows(
 def _counter_filter(
     api_key_id: int, counters: Iterable[tuple[str, datetime.date]]
 ) -> tuple[str, list]:
-    """Return a WHERE clause and its parameters matching the given counters."""
+    """Return a WHERE clause and its parameters matching the given counters.
+
+    Where the database locks rows, the clause locks them in order of period,
+    the order in which the reservation's upsert takes them. Two statements
+    that took a key's day and month rows in opposite orders could deadlock.
+    """
     clauses = []
     params: list = [api_key_id]
     for period, start in counters:
         clauses.append("(period = %s AND period_start = %s)")
         params += [period, start]
-    return f"api_key_id = %s AND ({' OR '.join(clauses)})", params
+    table = _table()
+    matches = f"api_key_id = %s AND ({' OR '.join(clauses)})"
+    if not connection.features.has_select_for_update:
+        return matches, params
+    return (
+        f"id IN (SELECT id FROM {table} WHERE {matches} ORDER BY period FOR UPDATE)",
+        params,
+    )
 
 
 def _release_counters(

@@ -200,9 +200,14 @@ def find_usable_key(raw_key: str) -> APIKey | None:
     prefix = parse_prefix(raw_key)
     if prefix is None:
         return None
-    api_key = APIKey.objects.select_related("tier").filter(prefix=prefix).first()
-    if api_key is None:
+    # The prefix is unique, so the query needs no ORDER BY; building one (as
+    # first() and the default ordering would) is measurable on this path.
+    found = list(
+        APIKey.objects.select_related("tier").filter(prefix=prefix).order_by()[:1]
+    )
+    if not found:
         return None
+    api_key = found[0]
     now = timezone.now()
     if not _secret_matches(api_key, hash_key(raw_key), now):
         return None

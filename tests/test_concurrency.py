@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import pytest
 import time_machine
 from django.conf import settings
+from django.db import connection, connections, transaction
+from django.db.models import F
 from django.test import RequestFactory
 
+from generation import quotas
 from generation.checks import PER_PROCESS_CACHES
 from generation.models import QuotaCounter, UsageRecord
 from generation.policy import prepare_chat
@@ -313,3 +316,67 @@ def test_upstream_calls_do_not_hold_pooled_connections(pooled_server, upstream):
 
     assert statuses(replies) == [200] * count, pooled_server.output()
     assert "PoolTimeout" not in pooled_server.output()
+
+
+def _lock_holders_wait(expected: int, timeout: float = 5.0) -> None:
+    """Wait until `expected` backends of this database wait for a row lock."""
+    deadline = time.monotonic() + timeout
+    with connections["default"].cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if cursor.fetchone()[0] >= expected:
+                return
+            time.sleep(0.02)
+    raise AssertionError("The settlement never waited for the locked row.")
+
+
+@pytest.mark.usefixtures("shared_services")
+def test_settlement_takes_day_before_month(transactional_db):
+    # Statements that lock a key's two counters in opposite orders deadlock
+    # under load, so every statement must take the day row first.
+    tier = make_tier("two-caps", tokens_per_day=10**6, tokens_per_month=10**7)
+    api_key, _ = make_key(tier=tier)
+    reservation = quotas.reserve(api_key=api_key, amount=10)
+    # A new version of the day row lies after the month row in the table, so
+    # a scan in table order would reach the month first.
+    QuotaCounter.objects.filter(api_key=api_key, period="day").update(used=F("used"))
+    holder = connections.create_connection("default")
+    holder.set_autocommit(False)
+
+    def settle() -> None:
+        with connection.cursor() as cursor:
+            # Table order, as PostgreSQL chooses for a small table.
+            cursor.execute("SET enable_indexscan = off")
+            cursor.execute("SET enable_bitmapscan = off")
+        try:
+            quotas.settle(reservation, used_tokens=4)
+        finally:
+            connection.close()
+
+    settler = threading.Thread(target=settle)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute(
+                "SELECT id FROM generation_quotacounter "
+                "WHERE api_key_id = %s AND period = 'day' FOR UPDATE",
+                [api_key.pk],
+            )
+        settler.start()
+        _lock_holders_wait(1)
+        # The waiting settlement must not hold the month row meanwhile.
+        with transaction.atomic():
+            month = (
+                QuotaCounter.objects.select_for_update(nowait=True)
+                .filter(api_key=api_key, period="month")
+                .get()
+            )
+        assert month.reserved == 10
+    finally:
+        holder.rollback()
+        holder.close()
+        settler.join(timeout=10)
+    counters = QuotaCounter.objects.filter(api_key=api_key)
+    assert sorted((c.used, c.reserved) for c in counters) == [(4, 0), (4, 0)]
