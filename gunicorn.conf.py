@@ -25,8 +25,9 @@ bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 # One process per core: the proxy's own work is CPU-bound Python.
 workers = _int("WEB_CONCURRENCY", os.cpu_count() or 1)
-# Requests each worker serves at once. A request also keeps one database
-# connection until it ends, so DATABASE_POOL_MAX_SIZE caps this in practice.
+# Requests each worker serves at once. A request gives its pooled database
+# connection back while it waits for the upstream, so the pool size does not
+# cap this.
 threads = _int("GUNICORN_THREADS", 256)
 # Client connections (most of them idle keep-alives) each worker keeps open.
 worker_connections = _int("GUNICORN_WORKER_CONNECTIONS", 1000)

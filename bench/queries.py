@@ -25,7 +25,7 @@ django.setup()
 
 import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.db import connection  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 from django.test import Client  # noqa: E402
 
 # Requests run before the measured one, so that caches and connections are warm.
@@ -50,6 +50,29 @@ class _SQLRecorder:
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
             self.statements.append({"sql": _shape(sql), "ms": round(elapsed_ms, 3)})
+
+
+class _TransactionCounter:
+    """Count outermost transaction.atomic blocks, each a BEGIN and a COMMIT."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._enter = transaction.Atomic.__enter__
+
+    def __enter__(self) -> _TransactionCounter:
+        counter = self
+        original = self._enter
+
+        def counting_enter(atomic):
+            if not transaction.get_connection(atomic.using).in_atomic_block:
+                counter.count += 1
+            return original(atomic)
+
+        transaction.Atomic.__enter__ = counting_enter
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        transaction.Atomic.__enter__ = self._enter
 
 
 def _monitor_redis(commands: list[str], stop: threading.Event) -> None:
@@ -89,8 +112,9 @@ def measure(raw_key: str, model: str) -> dict:
     monitor = threading.Thread(target=_monitor_redis, args=(commands, stop))
     monitor.start()
     time.sleep(0.3)
+    transactions = _TransactionCounter()
     started = time.perf_counter()
-    with connection.execute_wrapper(recorder):
+    with connection.execute_wrapper(recorder), transactions:
         status = send()
     elapsed_ms = (time.perf_counter() - started) * 1000
     time.sleep(0.3)
@@ -102,6 +126,7 @@ def measure(raw_key: str, model: str) -> dict:
         "status": status,
         "request_ms": round(elapsed_ms, 2),
         "sql": recorder.statements,
+        "transactions": transactions.count,
         "redis": commands,
     }
 

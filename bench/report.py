@@ -71,8 +71,7 @@ def _queries(text: str) -> list[str]:
     rows = [
         f"One chat completion (status {measured['status']}, "
         f"{measured['request_ms']} ms in-process, warm) ran {len(statements)} SQL "
-        f"statements taking {total:.1f} ms in all, plus the BEGIN and COMMIT of "
-        f"two transactions, and "
+        f"statements taking {total:.1f} ms in all, {_transactions(measured)}, and "
         f"{len(measured['redis'])} Redis commands ({', '.join(measured['redis'])}).",
         "",
         "| # | ms | statement (values replaced by ?) |",
@@ -82,6 +81,15 @@ def _queries(text: str) -> list[str]:
         sql = item["sql"].replace("|", "\\|")
         rows.append(f"| {number} | {item['ms']:.2f} | `{sql[:110]}` |")
     return rows
+
+
+def _transactions(measured: dict) -> str:
+    count = measured.get("transactions")
+    if count is None:
+        return "transactions not counted"
+    if count == 0:
+        return "each in its own implicit transaction (no BEGIN and COMMIT)"
+    return f"plus the BEGIN and COMMIT of {count} transaction(s)"
 
 
 def _profile(text: str) -> list[str]:
@@ -205,7 +213,8 @@ def render(data: dict) -> str:
         "",
         "The same proxy and settings under three servers, one after another "
         "(the ASGI server runs the same synchronous views through Django's "
-        "ASGI handler).",
+        "ASGI handler). The last row is gthread with `GUNICORN_THREADS=64` in "
+        "place of 256, to show what the threads cost in memory.",
         "",
         *tables.worker_table(data["worker_models"]),
         "",

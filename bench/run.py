@@ -178,6 +178,8 @@ def compare_worker_models(env: dict[str, str], key: str) -> dict:
 
     gthread and gevent run twice, alternating, so that a change in the load
     of other programs on the machine shows up as a difference between rounds.
+    A last gthread run with fewer threads shows what the threads cost in
+    memory.
     """
     gevent = {"GUNICORN_WORKER_CLASS": "gevent", "PYTHONPATH": str(SERVER_LIB)}
     models = [
@@ -191,6 +193,10 @@ def compare_worker_models(env: dict[str, str], key: str) -> dict:
         (
             "gevent, 1000 connections, round 2",
             lambda: start_gunicorn(env, "gevent", **gevent),
+        ),
+        (
+            "gthread, 64 threads",
+            lambda: start_gunicorn(env, "gthread", GUNICORN_THREADS="64"),
         ),
     ]
     results = {}
@@ -213,14 +219,20 @@ def compare_worker_models(env: dict[str, str], key: str) -> dict:
                 seconds=8.0,
                 max_requests=100_000,
             )
-            slow = load.run_sync(
-                target,
-                load.chat_body(SLOW),
-                clients=200,
-                seconds=10.0,
-                max_requests=8_000,
-            )
-            results[name] = {"instant": instant, "slow_200": slow}
+            pids = server.worker_pids() or [server.process.pid]
+            with RSSSampler(pids) as sampler:
+                slow = load.run_sync(
+                    target,
+                    load.chat_body(SLOW),
+                    clients=500,
+                    seconds=10.0,
+                    max_requests=20_000,
+                )
+            results[name] = {
+                "instant": instant,
+                "slow_500": slow,
+                "rss_peak": max(sampler.peak.values()),
+            }
         finally:
             server.stop()
     return results

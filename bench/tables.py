@@ -183,13 +183,15 @@ def goal_rows(data: dict) -> list[str]:
 def worker_table(models: dict) -> list[str]:
     rows = [
         "| worker model | 16 clients, instant: requests/s | p50 ms "
-        "| 200 clients, 1-second: requests/s | p50 ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| 500 clients, 1-second: requests/s | p50 ms | errors "
+        "| peak RSS per worker MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, result in models.items():
-        instant, slow = result["instant"], result["slow_200"]
+        instant, slow = result["instant"], result["slow_500"]
         rows.append(
             f"| {name} | {instant.rate:.0f} | {_ms(instant.p50)} | {slow.rate:.0f} "
-            f"| {_ms(slow.p50)} | {instant.failed + slow.failed} |"
+            f"| {_ms(slow.p50)} | {instant.failed + slow.failed} "
+            f"| {result['rss_peak']:.0f} |"
         )
     return rows

@@ -70,7 +70,7 @@ class PreparedChat:
 
     @property
     def worst_case_tokens(self) -> int:
-        """The most tokens the request can use: prompt plus every completion."""
+        """The maximum tokens the request can use: prompt plus every completion."""
         return self.prompt_tokens + self.choices * self.max_tokens
 
     @property

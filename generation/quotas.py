@@ -91,9 +91,9 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
 
     One statement adds the amount to each capped period's counter, creating
     counters for a new day or month, and only where it still fits under the
-    cap. When a period refuses, the periods that accepted are given back, so
-    a concurrent request may briefly see them as fuller than they are; that
-    can refuse a request near the cap, never admit one past it.
+    cap. When a period refuses, the periods that accepted are given back. A
+    concurrent request may see them as fuller than they are in between, which
+    can reject a request near the cap but never admit one past it.
     """
     now = timezone.now()
     key_caps = caps(api_key)
@@ -102,7 +102,8 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
     # Plain strings: the rows come back with the period as a str, and an
     # enum member does not hash like its value.
     periods = {
-        str(period): (period_start(period, now), cap) for period, cap in sorted(key_caps)
+        str(period): (period_start(period, now), cap)
+        for period, cap in sorted(key_caps)
     }
     for period, (start, cap) in periods.items():
         if amount > cap:

@@ -173,7 +173,7 @@ class UsageTracker:
             self.record.save(update_fields=_SETTLED_FIELDS)
 
 
-# What settling changes in a record that reserve() saved.
+# Columns that settling changes in a record that reserve() saved.
 _SETTLED_FIELDS = [
     "model",
     "status",

@@ -34,7 +34,7 @@ def _tier_rules_changed(sender, instance, action: str, reverse: bool, pk_set, **
     if not action.startswith("post_"):
         return
     if reverse:
-        # `instance` is a rule; pk_set holds the tiers (None after a clear).
+        # `instance` is a rule, and pk_set contains the tiers (None after a clear).
         tiers = Tier.objects.all()
         touch_tiers(tiers if pk_set is None else tiers.filter(pk__in=pk_set))
         return

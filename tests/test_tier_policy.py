@@ -301,9 +301,7 @@ class TestQuota:
 
         assert post(api_client, raw_key, prompt="hello").status_code == 200
 
-    def test_exact_count_is_tried_when_bound_does_not_fit(
-        self, api_client, upstream, clock
-    ):
+    def test_exact_count_after_bound_misses(self, api_client, upstream, clock):
         tier = make_tier("snug", max_tokens_cap=10)
         prompt = "hello hello hello hello"
         chat = prepare_chat(
