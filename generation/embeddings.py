@@ -1,6 +1,10 @@
 """Embeddings calls to the upstream, after the tier's rules, with usage recorded."""
 
+import logging
+
 from openai.types import CreateEmbeddingResponse
+
+from proxy_site.errors import UpstreamError
 
 from .policy import (
     PreparedChat,
@@ -12,6 +16,8 @@ from .policy import (
 from .tokens import count_text_tokens, decode_tokens, reported_tokens
 from .upstream import get_client, upstream_errors
 from .usage import UsageTracker
+
+logger = logging.getLogger(__name__)
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
@@ -89,8 +95,13 @@ def create_embeddings(
             )
         )
 
-    usage = response.usage
-    reported = reported_tokens(usage.prompt_tokens) if usage is not None else None
+    if not isinstance(response, CreateEmbeddingResponse) or not isinstance(
+        response.data, list
+    ):
+        logger.error("Upstream embeddings reply is not a list of embeddings.")
+        raise UpstreamError()
+    # The SDK builds the reply without validating it, so usage may be anything.
+    reported = reported_tokens(getattr(response.usage, "prompt_tokens", None))
     if reported is not None:
         prompt_tokens = reported
     tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=0)

@@ -231,11 +231,18 @@ def quota_exceeded_error(
     """Build the error for a request of `amount` tokens with `left` of `cap` left."""
     resets_at = period_end(period, now)
     label = "daily" if period == Period.DAY else "monthly"
+    if amount > cap:
+        # Waiting cannot help a request that is larger than the whole quota.
+        advice = "Lower max_tokens or shorten the prompt; waiting will not help."
+    else:
+        advice = (
+            f"Lower max_tokens or wait until the quota resets at "
+            f"{resets_at.isoformat()}."
+        )
     return QuotaExceeded(
         f"This API key's {label} token quota has {left} of {cap} tokens left, "
         f"and this request may use up to {amount} (prompt plus max_tokens). "
-        f"Lower max_tokens or wait until the quota resets at "
-        f"{resets_at.isoformat()}.",
+        f"{advice}",
         retry_after=(resets_at - now).total_seconds(),
         extra={"quota_period": period, "quota_resets_at": resets_at.isoformat()},
     )

@@ -144,9 +144,17 @@ def message_texts(message: dict) -> list[str]:
     return texts
 
 
+# Largest token count accepted from the upstream for one request: the largest
+# value the usage record's token columns can hold. No model comes near it.
+MAX_REPORTED_TOKENS = 2**31 - 1
+
+
 def reported_tokens(value: object) -> int | None:
     """Return a token count reported by the upstream, or None if it is not a
-    count (missing, negative, fractional or not a number)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    count (missing, negative, fractional, not a number, or over
+    MAX_REPORTED_TOKENS)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if not 0 <= value <= MAX_REPORTED_TOKENS:
         return None
     return value

@@ -248,8 +248,10 @@ def tier_rules(tier: Tier) -> list[PromptRule]:
 
     The list is kept per process under the tier's `rules_version`, which
     rises whenever one of its rules or the set of its rules is saved through
-    Django (see keys.signals). A rule changed by raw SQL is seen once the
-    version rises for another reason.
+    Django (see keys.signals).
+
+    NOTE: QuerySet.update() and raw SQL send no signal, so a rule changed that
+    way is seen only after keys.signals.touch_tiers() or the next save.
     """
     return list(_tier_rules(tier.pk, tier.rules_version))
 

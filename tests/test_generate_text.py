@@ -4,6 +4,7 @@ import logging
 import pytest
 from django.conf import settings
 
+from generation.models import UsageRecord
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
 
@@ -495,6 +496,17 @@ def test_nonsense_usage_is_counted_by_proxy(api_client, upstream):
     assert response.status_code == 200
     assert response.json()["usage"]["prompt_tokens"] > 0
     assert response.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("huge", [10**19, 2**62, 2**31])
+def test_huge_usage_is_counted_by_proxy(api_client, upstream, huge):
+    usage = {"prompt_tokens": huge, "completion_tokens": 2, "total_tokens": huge}
+    upstream.queue(Behaviour(usage=usage))
+    api_key, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 200
+    assert 0 < response.json()["usage"]["prompt_tokens"] < 100
+    assert UsageRecord.objects.get(api_key=api_key).status == "succeeded"
 
 
 def test_prompt_whitespace_is_kept(api_client, upstream):

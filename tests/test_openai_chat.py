@@ -315,6 +315,18 @@ class TestStreaming:
         assert day.used == 5
         assert record.status == UsageRecord.Status.SUCCEEDED
 
+    def test_stream_with_huge_usage_is_counted(self, sdk, upstream):
+        usage = {"prompt_tokens": 10**19, "completion_tokens": 1, "total_tokens": 1}
+        upstream.queue(Behaviour(usage=usage))
+        list(create(sdk, stream=True))
+        record = UsageRecord.objects.get()
+        day = QuotaCounter.objects.get(period="day")
+        assert record.status == UsageRecord.Status.SUCCEEDED
+        assert 0 < record.prompt_tokens < 100
+        assert record.completion_tokens == 1
+        assert day.reserved == 0
+        assert day.used == record.total_tokens
+
     def test_stream_without_upstream_usage_is_counted(self, sdk, upstream):
         upstream.queue(Behaviour(omit_usage=True))
         list(create(sdk, stream=True, stream_options={"include_usage": True}))

@@ -300,6 +300,15 @@ class TestEmbeddingUsage:
         assert excinfo.value.status_code == 502
         assert excinfo.value.code == "upstream_error"
 
+    @pytest.mark.parametrize("body", [[1], "text", {"object": "list"}])
+    def test_malformed_reply_is_502(self, sdk, upstream, body):
+        upstream.queue(Behaviour(status=200, body=body))
+        with pytest.raises(openai.InternalServerError) as excinfo:
+            embed(sdk)
+        assert excinfo.value.status_code == 502
+        assert excinfo.value.code == "upstream_error"
+        assert QuotaCounter.objects.get(period="day").reserved == 0
+
     def test_upstream_failure_releases_quota(self, sdk, upstream):
         upstream.queue(Behaviour(status=500))
         with pytest.raises(openai.InternalServerError):

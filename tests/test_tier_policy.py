@@ -225,6 +225,17 @@ class TestQuota:
         assert int(response["Retry-After"]) == 3600
         assert upstream.requests == []
 
+    def test_request_over_whole_cap_says_waiting_fails(
+        self, api_client, upstream, clock
+    ):
+        tier = make_tier("tiny", max_tokens_cap=10)
+        tier.tokens_per_day = worst_case(tier) - 1
+        tier.save()
+        _, raw_key = make_key(tier=tier)
+        message = post(api_client, raw_key).json()["error"]["message"]
+        assert "waiting will not help" in message
+        assert "wait until" not in message
+
     def test_monthly_cap_resets_on_first_of_month(self, api_client, upstream, clock):
         tier = make_tier("monthly", max_tokens_cap=10)
         tier.tokens_per_month = worst_case(tier)
