@@ -1,0 +1,48 @@
+"""Django's Redis cache with one client per process, shared by its threads."""
+
+import threading
+
+from django.core.cache.backends.redis import RedisCache
+from django.utils.functional import cached_property
+
+# Clients by (servers, options). redis-py's connection pools are thread-safe,
+# and they reconnect after a fork.
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+# Pool defaults, unless the cache's OPTIONS set a pool_class. A thread waits
+# up to POOL_TIMEOUT seconds for one of POOL_SIZE connections. redis-py's
+# default pool (redis 8) raises MaxConnectionsError once 100 are in use.
+POOL_SIZE = 50
+POOL_TIMEOUT = 5.0
+
+
+class SharedRedisCache(RedisCache):
+    """Django's Redis cache, with one client and connection pool per process.
+
+    Django builds a cache object for every thread, and each of Django's Redis
+    clients keeps its own connection pool. A gthread worker of 256 threads
+    would open up to 256 connections to Redis, and keep their buffers. This
+    backend gives every thread of a process the same client, whose pool
+    blocks for a free connection instead of failing when all are in use.
+    """
+
+    def __init__(self, server, params) -> None:
+        super().__init__(server, params)
+        if "pool_class" not in self._options:
+            self._options = {
+                "pool_class": "redis.BlockingConnectionPool",
+                "max_connections": POOL_SIZE,
+                "timeout": POOL_TIMEOUT,
+                **self._options,
+            }
+
+    @cached_property
+    def _cache(self):
+        key = (tuple(self._servers), repr(sorted(self._options.items())))
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = self._class(self._servers, **self._options)
+                _clients[key] = client
+        return client

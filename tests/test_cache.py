@@ -1,0 +1,64 @@
+"""The shared Redis cache backend: one client per process, blocking when busy."""
+
+import os
+import threading
+
+import pytest
+from django.conf import settings
+
+from proxy_site.cache import SharedRedisCache
+
+
+@pytest.fixture
+def redis_location() -> str:
+    """The test run's Redis URL; skip (or fail, when services are required)."""
+    cache = settings.CACHES["default"]
+    if cache["BACKEND"] == "proxy_site.cache.SharedRedisCache":
+        return cache["LOCATION"]
+    reason = f"Needs CACHE_URL=redis://..., but the cache is {cache['BACKEND']}."
+    if os.environ.get("PROXY_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} PROXY_REQUIRE_SERVICES=1 forbids skipping.")
+    pytest.skip(reason)
+
+
+def run_in_threads(count: int, work) -> list:
+    results: list = [None] * count
+    errors: list = []
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait(timeout=10)
+        try:
+            results[index] = work(index)
+        except Exception as exc:  # noqa: BLE001  (reported by the test)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    return results
+
+
+def test_threads_share_one_client(redis_location):
+    # Django builds one backend object per thread, and all must use one client.
+    def client_of(index: int) -> int:
+        return id(SharedRedisCache(redis_location, {})._cache)
+
+    assert len(set(run_in_threads(8, client_of))) == 1
+
+
+def test_busy_pool_waits_instead_of_failing(redis_location):
+    cache = SharedRedisCache(redis_location, {"OPTIONS": {"max_connections": 2}})
+    key = "proxy:test:busy-pool"
+    cache.set(key, 0)
+
+    def increment(index: int) -> int:
+        return sum(cache.incr(key) for _ in range(5))
+
+    run_in_threads(20, increment)
+
+    assert cache.get(key) == 100
+    cache.delete(key)
