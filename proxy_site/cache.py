@@ -30,11 +30,15 @@ class SharedRedisCache(RedisCache):
     def __init__(self, server, params) -> None:
         super().__init__(server, params)
         if "pool_class" not in self._options:
+            # `timeout` in a CACHE_URL sets the keys' expiry, so the wait for a
+            # connection has its own name there.
+            options = dict(self._options)
+            wait = options.pop("pool_timeout", POOL_TIMEOUT)
             self._options = {
                 "pool_class": "redis.BlockingConnectionPool",
                 "max_connections": POOL_SIZE,
-                "timeout": POOL_TIMEOUT,
-                **self._options,
+                "timeout": wait,
+                **options,
             }
 
     @cached_property

@@ -62,3 +62,14 @@ def test_busy_pool_waits_instead_of_failing(redis_location):
 
     assert cache.get(key) == 100
     cache.delete(key)
+
+
+def test_pool_settings_come_from_options():
+    options = {"max_connections": 7, "pool_timeout": 2}
+    cache = SharedRedisCache("redis://127.0.0.1:6379/15", {"OPTIONS": options})
+
+    pool = cache._cache._get_connection_pool(write=True)
+
+    assert type(pool).__name__ == "BlockingConnectionPool"
+    assert pool.max_connections == 7
+    assert pool.timeout == 2
