@@ -83,6 +83,22 @@ def _queries(text: str) -> list[str]:
     return rows
 
 
+def _rounds(data: dict) -> list[str]:
+    if not data.get("rounds"):
+        return []
+    return [
+        "## Alternating rounds",
+        "",
+        "The machine's speed drifts during a run, and the tables above measure "
+        "each target minutes apart. These short runs (one client, then 16, "
+        "for a few seconds each, instant upstream) alternate between this proxy "
+        "and LiteLLM, so both meet the same drift.",
+        "",
+        *tables.rounds_table(data),
+        "",
+    ]
+
+
 def _transactions(measured: dict) -> str:
     count = measured.get("transactions")
     if count is None:
@@ -205,7 +221,11 @@ def render(data: dict) -> str:
         "",
         *tables.rss_table(data),
         "",
+        *_rounds(data),
         "## Goals",
+        "",
+        "Where the run has alternating rounds, the first two goals use their "
+        "medians; the other goals use the tables above.",
         "",
         *tables.goal_rows(data),
         "",

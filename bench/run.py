@@ -67,6 +67,9 @@ CONCURRENT = (16, 10.0, 200_000)
 WARM_UP = (16, 3.0, 2_000)
 SLOW_SECONDS = 12.0
 STREAMS = 10
+# Alternating rounds of proxy and LiteLLM: how many, and seconds per load.
+ROUNDS = 3
+ROUND_SECONDS = 5.0
 
 
 def measure_target(
@@ -127,6 +130,43 @@ def measure_target(
         max_requests=STREAMS,
     )
     return results
+
+
+def alternate_rounds(targets: dict[str, load.Target]) -> list[dict]:
+    """Measure the targets in turn, round after round, on the instant upstream.
+
+    The machine's speed drifts while a run goes on, which skews a comparison
+    of targets measured minutes apart. Alternating short runs exposes each
+    target to the same drift; the report compares the rounds' medians.
+    """
+    rounds = []
+    for number in range(1, ROUNDS + 1):
+        for name, target in targets.items():
+            log(f"round {number}: {name}")
+            sequential = load.run_sync(
+                target,
+                load.chat_body(INSTANT),
+                clients=1,
+                seconds=ROUND_SECONDS,
+                max_requests=300,
+            )
+            concurrent = load.run_sync(
+                target,
+                load.chat_body(INSTANT),
+                clients=16,
+                seconds=ROUND_SECONDS,
+                max_requests=100_000,
+            )
+            rounds.append(
+                {
+                    "round": number,
+                    "target": name,
+                    "sequential_p50": sequential.p50,
+                    "rate": concurrent.rate,
+                    "failed": sequential.failed + concurrent.failed,
+                }
+            )
+    return rounds
 
 
 def profile_worker(pid: int, target: load.Target) -> str:
@@ -299,6 +339,9 @@ def main() -> None:
                 return found
 
             data["targets"][name] = measure_target(target, pids, groups)
+        data["rounds"] = alternate_rounds(
+            {"proxy": targets["proxy"][0], "litellm": targets["litellm"][0]}
+        )
         log("proxy: 500 clients, 1-second upstream, a key per client")
         data["slow_500_many_keys"] = load.run_sync(
             load.Target("proxy", HOST, proxy_port, path, tuple(keys)),
