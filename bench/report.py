@@ -181,7 +181,10 @@ def render(data: dict) -> str:
         "provider (`openai/*` with `api_base`).",
         "- **Load:** `bench/load.py`, asyncio clients with one keep-alive "
         "connection each, in the same process as `bench/run.py`. The same "
-        "request body goes to all three.",
+        "request body goes to all three. Before each measurement the script "
+        "waits (up to a minute) until the servers and PostgreSQL use less than "
+        "a tenth of a core, so that no server is still working through an "
+        "earlier load whose clients gave up.",
         "",
         "## Added latency",
         "",

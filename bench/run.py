@@ -54,6 +54,7 @@ from servers import (  # noqa: E402
     free_port,
     pids_named,
     rss_mb,
+    wait_until_idle,
 )
 
 INSTANT = "bench-instant"
@@ -70,6 +71,17 @@ STREAMS = 10
 # Alternating rounds of proxy and LiteLLM: how many, and seconds per load.
 ROUNDS = 3
 ROUND_SECONDS = 5.0
+
+
+# The processes of every server in the run, set once they have started.
+watched_pids: Callable[[], list[int]] = list
+
+
+def settle() -> None:
+    """Wait until no server is still busy with an earlier measurement's load."""
+    waited = wait_until_idle(watched_pids)
+    if waited > 2:
+        log(f"waited {waited:.0f}s for the servers to go idle")
 
 
 def measure_target(
@@ -90,6 +102,7 @@ def measure_target(
         max_requests=WARM_UP[2],
     )
     results["rss_idle"] = [rss_mb(pid) for pid in servers_pids]
+    settle()
     log(f"{target.name}: one client at a time")
     clients, seconds, count = SEQUENTIAL
     results["sequential"] = load.run_sync(
@@ -99,6 +112,7 @@ def measure_target(
         seconds=seconds,
         max_requests=count,
     )
+    settle()
     log(f"{target.name}: {CONCURRENT[0]} clients, instant upstream")
     clients, seconds, count = CONCURRENT
     with CPUMeter(cpu_groups) as meter:
@@ -112,6 +126,7 @@ def measure_target(
     results["cpu"] = meter.used
     with RSSSampler(servers_pids) as sampler:
         for clients in (200, 500):
+            settle()
             log(f"{target.name}: {clients} clients, 1-second upstream")
             results[f"slow_{clients}"] = load.run_sync(
                 target,
@@ -121,6 +136,7 @@ def measure_target(
                 max_requests=clients * 40,
             )
     results["rss_load"] = [sampler.peak[pid] for pid in servers_pids]
+    settle()
     log(f"{target.name}: streams")
     results["stream"] = load.run_sync(
         target,
@@ -142,6 +158,7 @@ def alternate_rounds(targets: dict[str, load.Target]) -> list[dict]:
     rounds = []
     for number in range(1, ROUNDS + 1):
         for name, target in targets.items():
+            settle()
             log(f"round {number}: {name}")
             sequential = load.run_sync(
                 target,
@@ -307,6 +324,16 @@ def main() -> None:
         servers.append(proxy)
         litellm, litellm_port = start_litellm(upstream_port)
         servers.append(litellm)
+        global watched_pids
+
+        def watched_pids() -> list[int]:
+            return [
+                upstream.process.pid,
+                *proxy.worker_pids(),
+                *litellm.worker_pids(),
+                *database_backends(),
+            ]
+
         data["rss_start"] = {
             "proxy": [rss_mb(pid) for pid in proxy.worker_pids()],
             "litellm": [rss_mb(pid) for pid in litellm.worker_pids()],
@@ -342,6 +369,7 @@ def main() -> None:
         data["rounds"] = alternate_rounds(
             {"proxy": targets["proxy"][0], "litellm": targets["litellm"][0]}
         )
+        settle()
         log("proxy: 500 clients, 1-second upstream, a key per client")
         data["slow_500_many_keys"] = load.run_sync(
             load.Target("proxy", HOST, proxy_port, path, tuple(keys)),
@@ -350,6 +378,7 @@ def main() -> None:
             seconds=SLOW_SECONDS,
             max_requests=20_000,
         )
+        settle()
         log("profiling a proxy worker")
         data["profile"] = profile_worker(proxy.worker_pids()[0], targets["proxy"][0])
         litellm.stop()

@@ -213,3 +213,24 @@ class CPUMeter:
             self.used[name] = sum(
                 cpu_seconds(pid) - self._before.get(pid, 0.0) for pid in pids
             )
+
+
+def wait_until_idle(
+    pids, *, busy_share: float = 0.1, interval: float = 1.0, timeout: float = 60.0
+) -> float:
+    """Wait until the processes use less than `busy_share` of one core.
+
+    A server can still be working through requests whose clients gave up, and
+    that work would slow the next measurement, of whichever target. `pids` is
+    a callable returning the pids to watch. Returns the seconds waited; gives
+    up after `timeout`.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        watched = pids()
+        before = sum(cpu_seconds(pid) for pid in watched)
+        time.sleep(interval)
+        used = sum(cpu_seconds(pid) for pid in watched) - before
+        if used < busy_share * interval:
+            break
+    return time.monotonic() - started
