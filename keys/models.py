@@ -159,6 +159,15 @@ class Tier(models.Model):
         # Rates are checked on every save, not only in forms, so a tier changed
         # from the shell cannot hold a rate the limiter would fail on.
         validate_rate_list(self.rate_limits)
+        if not self._state.adding and not args and kwargs.get("update_fields") is None:
+            # keys.signals raises rules_version with an UPDATE. Saving a copy of
+            # the tier read before that must not lower it again, or workers
+            # would take an older rule list for the current one.
+            kwargs["update_fields"] = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name != "rules_version"
+            ]
         super().save(*args, **kwargs)
 
 

@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from generation.models import QuotaCounter, UsageRecord
 from generation.policy import prepare_chat
 from generation.quotas import period_end
-from keys.models import PromptRule
+from keys.models import PromptRule, Tier
 from tests.factories import make_key, make_tier
 
 pytestmark = pytest.mark.django_db
@@ -173,6 +173,18 @@ class TestRuleChanges:
     def test_deleted_rule_stops_applying(self, api_client, ruled):
         _, rule, raw_key = ruled
         rule.delete()
+        assert self.status(api_client, raw_key) == 200
+
+    def test_stale_tier_save_keeps_rule_change(self, api_client, ruled):
+        tier, rule, raw_key = ruled
+        stale = Tier.objects.get(pk=tier.pk)
+        rule.enabled = False
+        rule.save()
+
+        stale.description = "edited from an older copy"
+        stale.save()
+
+        assert Tier.objects.get(pk=tier.pk).rules_version > stale.rules_version
         assert self.status(api_client, raw_key) == 200
 
     def test_rule_added_from_its_side_applies(self, api_client, ruled):
