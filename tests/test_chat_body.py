@@ -1,0 +1,58 @@
+"""validate_chat_body: one serializer per thread, with no state between bodies."""
+
+import threading
+
+import pytest
+from rest_framework.exceptions import ValidationError
+
+from generation.serializers import validate_chat_body
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def test_each_body_gets_its_own_result():
+    first = validate_chat_body({"messages": HELLO, "temperature": 0.5})
+    second = validate_chat_body({"messages": HELLO, "max_tokens": 7})
+
+    assert first["temperature"] == 0.5
+    assert "max_tokens" not in first
+    assert second["max_tokens"] == 7
+    assert "temperature" not in second
+
+
+def test_error_does_not_carry_over():
+    with pytest.raises(ValidationError) as excinfo:
+        validate_chat_body({"messages": HELLO, "colour": "blue"})
+    assert "colour" in excinfo.value.detail
+
+    data = validate_chat_body({"messages": HELLO})
+
+    assert data["messages"] == HELLO
+
+
+def test_valid_body_does_not_hide_next_error():
+    validate_chat_body({"messages": HELLO})
+
+    with pytest.raises(ValidationError) as excinfo:
+        validate_chat_body({"messages": []})
+
+    assert "messages" in excinfo.value.detail
+
+
+def test_threads_validate_independently():
+    barrier = threading.Barrier(8)
+    results: dict[int, object] = {}
+
+    def validate(index: int) -> None:
+        body = {"messages": HELLO, "max_tokens": index + 1}
+        barrier.wait(timeout=10)
+        for _ in range(50):
+            results[index] = validate_chat_body(body)["max_tokens"]
+
+    threads = [threading.Thread(target=validate, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert results == {index: index + 1 for index in range(8)}
