@@ -84,6 +84,18 @@ def settle() -> None:
         log(f"waited {waited:.0f}s for the servers to go idle")
 
 
+def warm_up(target: load.Target) -> None:
+    """Send WARM_UP's load, so that caches and connections are warm."""
+    clients, seconds, count = WARM_UP
+    load.run_sync(
+        target,
+        load.chat_body(INSTANT),
+        clients=clients,
+        seconds=seconds,
+        max_requests=count,
+    )
+
+
 def measure_target(
     target: load.Target, servers_pids: list[int], cpu_groups: Callable
 ) -> dict:
@@ -94,13 +106,7 @@ def measure_target(
     """
     results: dict = {}
     log(f"{target.name}: warm-up")
-    load.run_sync(
-        target,
-        load.chat_body(INSTANT),
-        clients=WARM_UP[0],
-        seconds=WARM_UP[1],
-        max_requests=WARM_UP[2],
-    )
+    warm_up(target)
     results["rss_idle"] = [rss_mb(pid) for pid in servers_pids]
     settle()
     log(f"{target.name}: one client at a time")
@@ -262,13 +268,7 @@ def compare_worker_models(env: dict[str, str], key: str) -> dict:
         server, port = start()
         try:
             target = load.Target(name, HOST, port, "/v1/chat/completions", (key,))
-            load.run_sync(
-                target,
-                load.chat_body(INSTANT),
-                clients=WARM_UP[0],
-                seconds=WARM_UP[1],
-                max_requests=WARM_UP[2],
-            )
+            warm_up(target)
             instant = load.run_sync(
                 target,
                 load.chat_body(INSTANT),

@@ -16,7 +16,7 @@ from .embeddings import create_embeddings
 from .models import UsageRecord
 from .openai_views import OpenAIView
 from .schema import OPENAI_OBJECT, error_responses
-from .serializers import EmbeddingSerializer
+from .serializers import EmbeddingSerializer, validate_body
 from .upstream import get_client, upstream_errors
 from .usage import UsageTracker
 
@@ -163,9 +163,7 @@ class EmbeddingsView(OpenAIView):
     def post(self, request: Request) -> Response:
         tracker = self.start(request, "embeddings")
         with tracker:
-            serializer = EmbeddingSerializer(data=request.data)
-            serializer.is_valid(raise_exception=True)
-            data = serializer.validated_data
+            data = validate_body(EmbeddingSerializer, request.data)
             options = {
                 name: data[name]
                 for name in ("dimensions", "user")

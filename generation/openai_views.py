@@ -17,7 +17,7 @@ from keys.authentication import BearerAPIKeyAuthentication
 from . import quotas
 from .policy import prepare_chat
 from .schema import EVENT_STREAM, OPENAI_OBJECT, error_responses
-from .serializers import ChatCompletionSerializer, validate_chat_body
+from .serializers import ChatCompletionSerializer, validate_body
 from .services import complete_chat, stream_chat
 from .streaming import event_stream_response, sse
 from .views import KeyedAPIView
@@ -103,7 +103,7 @@ class ChatCompletionsView(OpenAIView):
     def post(self, request: Request) -> HttpResponseBase:
         tracker = self.start(request, "chat.completions")
         with tracker:
-            data = validate_chat_body(request.data)
+            data = validate_body(ChatCompletionSerializer, request.data)
             limit_field = (
                 "max_completion_tokens"
                 if "max_completion_tokens" in data

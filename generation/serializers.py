@@ -220,32 +220,6 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
         return attrs
 
 
-# One ChatCompletionSerializer per thread; see validate_chat_body.
-_per_thread = threading.local()
-# Attributes in which DRF (3.x) caches one validation's results on a serializer.
-_RESULT_ATTRIBUTES = ("_validated_data", "_errors", "_data")
-
-
-def validate_chat_body(data: object) -> dict:
-    """Validate a chat completions body and return the validated data.
-
-    DRF deep-copies a serializer's declared fields for every instance, which
-    on this path costs more than the validation itself. A thread validates
-    one body at a time, so it keeps one serializer and clears the previous
-    body's results before each use. Raises ValidationError like is_valid.
-    """
-    serializer = getattr(_per_thread, "chat", None)
-    if serializer is None:
-        serializer = ChatCompletionSerializer(data=data)
-        _per_thread.chat = serializer
-    else:
-        serializer.initial_data = data
-        for name in _RESULT_ATTRIBUTES:
-            serializer.__dict__.pop(name, None)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
 def _is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -299,3 +273,31 @@ class EmbeddingSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     user = StrictCharField(
         required=False, allow_null=True, allow_blank=True, max_length=256
     )
+
+
+# Serializers by class, one of each per thread; see validate_body.
+_per_thread = threading.local()
+# Attributes in which DRF (3.x) caches one validation's results on a serializer.
+_RESULT_ATTRIBUTES = ("_validated_data", "_errors", "_data")
+
+
+def validate_body(serializer_class: type[serializers.Serializer], data: object) -> dict:
+    """Validate a request body with `serializer_class` and return the validated data.
+
+    DRF deep-copies a serializer's declared fields for every instance, which
+    on the request path costs more than the validation itself. A thread
+    validates one body at a time, so it keeps one serializer of each class and
+    clears the previous body's results before each use. Raises
+    ValidationError like is_valid.
+    """
+    kept = _per_thread.__dict__.setdefault("serializers", {})
+    serializer = kept.get(serializer_class)
+    if serializer is None:
+        serializer = serializer_class(data=data)
+        kept[serializer_class] = serializer
+    else:
+        serializer.initial_data = data
+        for name in _RESULT_ATTRIBUTES:
+            serializer.__dict__.pop(name, None)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data

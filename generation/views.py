@@ -15,7 +15,7 @@ from proxy_site.errors import LengthRequired, error_body
 
 from .parsers import LimitedJSONParser
 from .schema import GENERATE_TEXT_RESPONSE, error_responses
-from .serializers import GenerateTextSerializer
+from .serializers import GenerateTextSerializer, validate_body
 from .services import generate_text
 from .streaming import ChatStreamRelay, event_stream_response
 from .usage import UsageTracker
@@ -116,9 +116,8 @@ class GenerateTextView(KeyedAPIView):
         # Order: rate limit, then input, then the tier's rules and quota.
         tracker = self.start(request, "generate-text")
         with tracker:
-            serializer = self.get_serializer(data=request.data)
-            serializer.is_valid(raise_exception=True)
-            result = generate_text(tracker=tracker, **serializer.validated_data)
+            data = validate_body(GenerateTextSerializer, request.data)
+            result = generate_text(tracker=tracker, **data)
         if isinstance(result, ChatStreamRelay):
             return event_stream_response(result, self.rate_limit_headers)
         return Response(result)

@@ -1,18 +1,26 @@
-"""validate_chat_body: one serializer per thread, with no state between bodies."""
+"""validate_body: one serializer per thread, with no state between bodies."""
 
 import threading
 
 import pytest
 from rest_framework.exceptions import ValidationError
 
-from generation.serializers import validate_chat_body
+from generation.serializers import (
+    ChatCompletionSerializer,
+    EmbeddingSerializer,
+    validate_body,
+)
 
 HELLO = [{"role": "user", "content": "hello"}]
 
 
 def test_each_body_gets_its_own_result():
-    first = validate_chat_body({"messages": HELLO, "temperature": 0.5})
-    second = validate_chat_body({"messages": HELLO, "max_tokens": 7})
+    first = validate_body(
+        ChatCompletionSerializer, {"messages": HELLO, "temperature": 0.5}
+    )
+    second = validate_body(
+        ChatCompletionSerializer, {"messages": HELLO, "max_tokens": 7}
+    )
 
     assert first["temperature"] == 0.5
     assert "max_tokens" not in first
@@ -22,19 +30,19 @@ def test_each_body_gets_its_own_result():
 
 def test_error_does_not_carry_over():
     with pytest.raises(ValidationError) as excinfo:
-        validate_chat_body({"messages": HELLO, "colour": "blue"})
+        validate_body(ChatCompletionSerializer, {"messages": HELLO, "colour": "blue"})
     assert "colour" in excinfo.value.detail
 
-    data = validate_chat_body({"messages": HELLO})
+    data = validate_body(ChatCompletionSerializer, {"messages": HELLO})
 
     assert data["messages"] == HELLO
 
 
 def test_valid_body_does_not_hide_next_error():
-    validate_chat_body({"messages": HELLO})
+    validate_body(ChatCompletionSerializer, {"messages": HELLO})
 
     with pytest.raises(ValidationError) as excinfo:
-        validate_chat_body({"messages": []})
+        validate_body(ChatCompletionSerializer, {"messages": []})
 
     assert "messages" in excinfo.value.detail
 
@@ -47,7 +55,7 @@ def test_threads_validate_independently():
         body = {"messages": HELLO, "max_tokens": index + 1}
         barrier.wait(timeout=10)
         for _ in range(50):
-            results[index] = validate_chat_body(body)["max_tokens"]
+            results[index] = validate_body(ChatCompletionSerializer, body)["max_tokens"]
 
     threads = [threading.Thread(target=validate, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -56,3 +64,13 @@ def test_threads_validate_independently():
         thread.join(timeout=30)
 
     assert results == {index: index + 1 for index in range(8)}
+
+
+def test_classes_keep_separate_serializers():
+    chat = validate_body(ChatCompletionSerializer, {"messages": HELLO, "n": 2})
+    embedding = validate_body(EmbeddingSerializer, {"input": "hello"})
+    again = validate_body(ChatCompletionSerializer, {"messages": HELLO})
+
+    assert chat["n"] == 2
+    assert embedding["input"] == "hello"
+    assert "n" not in again
