@@ -108,17 +108,17 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
     for period, (start, cap) in periods.items():
         if amount > cap:
             # A new counter is created without the cap check, so an amount
-            # larger than the whole cap is refused before the statement.
+            # larger than the whole cap is rejected before the statement.
             raise _quota_exceeded(api_key, period, start, cap, amount, now)
     # The rows are listed, and so locked, in order of period (see
     # _counter_filter).
     rows = _reserve_rows(api_key.pk, periods, amount)
     states = {period: (used, reserved) for period, used, reserved in rows}
-    refused = [period for period in periods if period not in states]
-    if refused:
+    rejected = [period for period in periods if period not in states]
+    if rejected:
         if states:
             _release_counters(api_key.pk, periods, amount, states)
-        period = refused[0]
+        period = rejected[0]
         start, cap = periods[period]
         raise _quota_exceeded(api_key, period, start, cap, amount, now)
     return Reservation(
@@ -218,8 +218,8 @@ def _quota_exceeded(
     counter = QuotaCounter.objects.filter(
         api_key=api_key, period=period, period_start=start
     ).first()
-    taken = (counter.used + counter.reserved) if counter else 0
-    left = max(0, cap - taken)
+    in_use = (counter.used + counter.reserved) if counter else 0
+    left = max(0, cap - in_use)
     return quota_exceeded_error(
         period=period, cap=cap, left=left, amount=amount, now=now
     )

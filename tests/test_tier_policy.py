@@ -125,7 +125,7 @@ class TestRules:
 
 
 class TestRuleChanges:
-    """Each worker keeps a tier's rules; every change through Django reaches it."""
+    """Each worker keeps a tier's rules, and every change through Django reaches it."""
 
     @pytest.fixture
     def ruled(self, api_client, upstream):
@@ -342,10 +342,10 @@ class TestQuota:
         counter = QuotaCounter.objects.get(api_key=api_key)
         assert counter.reserved == 0
 
-    def test_refused_month_gives_back_the_day(self, api_client, upstream, clock):
+    def test_rejected_month_gives_back_day(self, api_client, upstream, clock):
         tier = make_tier("two-caps", tokens_per_day=100_000, max_tokens_cap=10)
         # Room for one request in a new month, so that the request reaches the
-        # statement that reserves both periods; but this month is used up.
+        # statement that reserves both periods. This month is used up, though.
         tier.tokens_per_month = 10 * worst_case(tier)
         tier.save()
         api_key, raw_key = make_key(tier=tier)
