@@ -9,7 +9,7 @@ from proxy_site.errors import UpstreamError
 from .policy import PreparedChat, generate_text_messages, prepare_chat
 from .streaming import ChatStreamRelay, EventRenderer, sse
 from .tokens import count_text_tokens, reported_tokens
-from .upstream import get_client, upstream_errors
+from .upstream import post_json, upstream_errors
 from .usage import UsageTracker
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,15 @@ def _parse_reply(content: bytes) -> ChatReply:
     return ChatReply(content=content, data=data)
 
 
+def _chat_body(chat: PreparedChat, options: dict) -> dict:
+    return {
+        "model": chat.model,
+        "messages": chat.messages,
+        **chat.upstream_limits,
+        **options,
+    }
+
+
 def complete_chat(
     *, tracker: UsageTracker, chat: PreparedChat, options: dict
 ) -> ChatReply:
@@ -68,14 +77,9 @@ def complete_chat(
     tracker.reserve(chat)
     with upstream_errors():
         response = tracker.call_upstream(
-            lambda: get_client().chat.completions.with_raw_response.create(
-                model=chat.model,
-                messages=chat.messages,
-                **chat.upstream_limits,
-                **options,
-            )
+            lambda: post_json("/chat/completions", _chat_body(chat, options))
         )
-        content = response.http_response.read()
+        content = response.read()
     reply = _parse_reply(content)
     usage = reply.data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
@@ -109,16 +113,10 @@ def stream_chat(
     options = {**options, "stream": True, "stream_options": {"include_usage": True}}
     with upstream_errors():
         upstream = tracker.call_upstream(
-            lambda: (
-                get_client()
-                .chat.completions.with_streaming_response.create(
-                    model=chat.model,
-                    messages=chat.messages,
-                    **chat.upstream_limits,
-                    **options,
-                )
-                .__enter__()
-            )
+            lambda: post_json(
+                "/chat/completions", _chat_body(chat, options), stream=True
+            ),
+            stream=True,
         )
     return ChatStreamRelay(
         tracker=tracker,

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx2
 import openai
 from django.conf import settings
 from django.core.signals import setting_changed
@@ -56,6 +57,19 @@ def get_client() -> openai.OpenAI:
                 max_retries=settings.PROXY_UPSTREAM_MAX_RETRIES,
             )
         return _client
+
+
+def post_json(path: str, body: dict, *, stream: bool = False) -> httpx2.Response:
+    """POST a JSON body to the upstream API with the openai client; return the reply.
+
+    The client supplies the base URL, the upstream key, timeouts, retries
+    and its error classes, which upstream_errors() maps. The per-resource
+    methods (client.chat.completions.create and the like) would also walk
+    every parameter through their type transform; the proxy's bodies are
+    validated already and hold only JSON values, so that walk is skipped.
+    With `stream`, the body is left unread for the caller to iterate and close.
+    """
+    return get_client().post(path, cast_to=httpx2.Response, body=body, stream=stream)
 
 
 def reset_client() -> None:

@@ -4,7 +4,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import openai
 from django.db import connection
 from django.utils import timezone
 from rest_framework.exceptions import APIException
@@ -93,12 +92,12 @@ class UsageTracker:
         self.record.reserved_tokens = self.reservation.amount
         self.record.save(force_insert=True)
 
-    def call_upstream(self, call: Callable[[], T]) -> T:
+    def call_upstream(self, call: Callable[[], T], *, stream: bool = False) -> T:
         """Run the upstream call, timing it for the record and the metrics.
 
-        A call that returns an open streaming response (openai's
-        `with_streaming_response`) stays counted as in flight until
-        `end_upstream_stream` is called.
+        With `stream`, a call that returns (the upstream's response, still
+        being read) stays counted as in flight until `end_upstream_stream`
+        is called.
         """
         self.called_upstream = True
         release_pooled_connection()
@@ -107,7 +106,7 @@ class UsageTracker:
         result_is_stream = False
         try:
             result = call()
-            result_is_stream = isinstance(result, openai.APIResponse)
+            result_is_stream = stream
             return result
         finally:
             elapsed = time.monotonic() - started
