@@ -1,8 +1,10 @@
 import datetime
+import threading
 
 import pytest
 import time_machine
 from django.core.exceptions import ValidationError
+from django.db import connections
 from django.utils import timezone
 
 from keys.models import APIKey, Tier
@@ -110,6 +112,60 @@ def test_lookup_is_one_query_when_recently_used(django_assert_num_queries):
     find_usable_key(raw_key)
     with django_assert_num_queries(1):
         assert find_usable_key(raw_key) is not None
+
+
+def _field_values(instance) -> dict:
+    return {
+        field.attname: getattr(instance, field.attname)
+        for field in instance._meta.concrete_fields
+    }
+
+
+def test_lookup_loads_key_and_tier_as_the_orm_does(django_assert_num_queries):
+    api_key, raw_key = make_key(name="compared")
+    api_key.expires_at = timezone.now() + datetime.timedelta(days=3)
+    api_key.save()
+    find_usable_key(raw_key)
+    with django_assert_num_queries(1):
+        found = find_usable_key(raw_key)
+        tier = found.tier
+    stored = APIKey.objects.select_related("tier").get(pk=api_key.pk)
+    assert _field_values(found) == _field_values(stored)
+    assert _field_values(tier) == _field_values(stored.tier)
+    assert found.expires_at.tzinfo is not None
+    assert found._state.adding is False
+    assert found._state.db == stored._state.db
+
+
+def test_lookup_sees_each_change_to_the_key_and_its_tier():
+    api_key, raw_key = make_key()
+    assert find_usable_key(raw_key).tier.tokens_per_day != 123
+    Tier.objects.filter(pk=api_key.tier_id).update(tokens_per_day=123)
+    APIKey.objects.filter(pk=api_key.pk).update(rate_limits="9/m")
+    found = find_usable_key(raw_key)
+    assert found.tier.tokens_per_day == 123
+    assert found.rate_limits == "9/m"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lookup_works_in_several_threads():
+    keys = [make_key() for _ in range(4)]
+    found = {}
+
+    def look_up(index: int, raw_key: str) -> None:
+        try:
+            found[index] = find_usable_key(raw_key).pk
+        finally:
+            connections.close_all()
+
+    find_usable_key(keys[0][1])
+    # One thread after another: SQLite's in-memory test database locks a
+    # table for a concurrent write (each first lookup records the key's use).
+    for index, (_, raw_key) in enumerate(keys):
+        thread = threading.Thread(target=look_up, args=(index, raw_key))
+        thread.start()
+        thread.join()
+    assert found == {index: api_key.pk for index, (api_key, _) in enumerate(keys)}
 
 
 def test_lookup_adds_one_update_to_touch_last_use(django_assert_num_queries):
