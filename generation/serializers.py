@@ -131,6 +131,61 @@ class GenerateTextSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 
 
 MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+# The fields of a chat message in OpenAI's API. Any other field is rejected, so
+# that no text reaches the upstream without the tier's rules and limits seeing it.
+MESSAGE_FIELDS = {
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "function_call",
+    "refusal",
+    "audio",
+}
+# The fields of a tool call, and the text fields of its `function` and `custom`.
+TOOL_CALL_FIELDS = {"id", "type", "function", "custom"}
+TOOL_CALL_TEXT_FIELDS = {"function": ("name", "arguments"), "custom": ("name", "input")}
+
+
+def _check_optional_text(value: object, label: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise serializers.ValidationError(f"{label} must be a string.")
+
+
+def _check_call(call: object, fields: tuple[str, ...], label: str) -> None:
+    if call is None:
+        return
+    if not isinstance(call, dict):
+        raise serializers.ValidationError(f"{label} must be an object.")
+    unknown = sorted(set(call) - set(fields))
+    if unknown:
+        raise serializers.ValidationError(
+            f"{label} has an unknown field: {unknown[0]}. Allowed fields: "
+            f"{', '.join(fields)}."
+        )
+    for field in fields:
+        _check_optional_text(call.get(field), f"{label}'s {field}")
+
+
+def _check_tool_calls(tool_calls: object) -> None:
+    if tool_calls is None:
+        return
+    if not isinstance(tool_calls, list):
+        raise serializers.ValidationError("A message's tool_calls must be a list.")
+    for call in tool_calls:
+        if not isinstance(call, dict):
+            raise serializers.ValidationError("Each tool call must be an object.")
+        unknown = sorted(set(call) - TOOL_CALL_FIELDS)
+        if unknown:
+            raise serializers.ValidationError(
+                f"A tool call has an unknown field: {unknown[0]}. Allowed fields: "
+                f"{', '.join(sorted(TOOL_CALL_FIELDS))}."
+            )
+        _check_optional_text(call.get("id"), "A tool call's id")
+        _check_optional_text(call.get("type"), "A tool call's type")
+        for field, texts in TOOL_CALL_TEXT_FIELDS.items():
+            _check_call(call.get(field), texts, f"A tool call's {field}")
 
 
 def validate_message(message: object) -> None:
@@ -141,13 +196,35 @@ def validate_message(message: object) -> None:
         raise serializers.ValidationError(
             f"Each message needs a role, one of: {', '.join(sorted(MESSAGE_ROLES))}."
         )
+    unknown = sorted(set(message) - MESSAGE_FIELDS)
+    if unknown:
+        raise serializers.ValidationError(
+            f"Unknown message field: {unknown[0]}. Allowed fields: "
+            f"{', '.join(sorted(MESSAGE_FIELDS))}."
+        )
     content = message.get("content")
     if content is not None and not isinstance(content, str | list):
         raise serializers.ValidationError(
             "A message's content must be a string, a list of parts, or null."
         )
-    if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
-        raise serializers.ValidationError("Each content part must be an object.")
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                raise serializers.ValidationError(
+                    "Each content part must be an object."
+                )
+            _check_optional_text(part.get("text"), "A content part's text")
+            _check_optional_text(part.get("refusal"), "A content part's refusal")
+    _check_optional_text(message.get("name"), "A message's name")
+    _check_optional_text(message.get("tool_call_id"), "A message's tool_call_id")
+    _check_optional_text(message.get("refusal"), "A message's refusal")
+    _check_tool_calls(message.get("tool_calls"))
+    _check_call(
+        message.get("function_call"), ("name", "arguments"), "A message's function_call"
+    )
+    audio = message.get("audio")
+    if audio is not None and not isinstance(audio, dict):
+        raise serializers.ValidationError("A message's audio must be an object.")
 
 
 class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer):

@@ -123,25 +123,40 @@ def _utf8_length(text: str) -> int:
 
 
 def message_texts(message: dict) -> list[str]:
-    """Return every piece of text in a chat message, whatever its shape."""
+    """Return every piece of text in a chat message, whatever its shape.
+
+    That is the content (a string, or the text and refusal of each part), the
+    name, the refusal, the tool_call_id, and the names and arguments (or
+    input) of tool calls and of the older function_call. Values that are not
+    strings are skipped.
+    """
     texts = []
     content = message.get("content")
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
         for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+            if isinstance(part, dict):
+                _add_texts(texts, part, ("text", "refusal"))
             elif isinstance(part, str):
                 texts.append(part)
-    name = message.get("name")
-    if isinstance(name, str):
-        texts.append(name)
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            texts.append(function["arguments"])
+    _add_texts(texts, message, ("name", "refusal", "tool_call_id"))
+    tool_calls = message.get("tool_calls")
+    for call in tool_calls if isinstance(tool_calls, list) else ():
+        if isinstance(call, dict):
+            _add_texts(texts, call.get("function"), ("name", "arguments"))
+            _add_texts(texts, call.get("custom"), ("name", "input"))
+    _add_texts(texts, message.get("function_call"), ("name", "arguments"))
     return texts
+
+
+def _add_texts(texts: list[str], source: object, keys: tuple[str, ...]) -> None:
+    if not isinstance(source, dict):
+        return
+    for key in keys:
+        value = source.get(key)
+        if isinstance(value, str):
+            texts.append(value)
 
 
 # Largest token count accepted from the upstream for one request: the largest

@@ -186,6 +186,52 @@ class TestErrors:
         assert excinfo.value.code == "invalid_request"
         assert excinfo.value.body["param"] == "messages"
 
+    @pytest.mark.parametrize(
+        "message",
+        [
+            pytest.param(
+                {"role": "assistant", "tool_calls": 5}, id="tool-calls-number"
+            ),
+            pytest.param(
+                {"role": "assistant", "tool_calls": True}, id="tool-calls-bool"
+            ),
+            pytest.param(
+                {"role": "assistant", "tool_calls": [7]}, id="tool-call-number"
+            ),
+            pytest.param(
+                {"role": "assistant", "tool_calls": [{"function": {"name": 3}}]},
+                id="tool-call-name-number",
+            ),
+            pytest.param(
+                {"role": "assistant", "tool_calls": [{"id": "c", "note": "x"}]},
+                id="tool-call-unknown-field",
+            ),
+            pytest.param(
+                {"role": "assistant", "function_call": "f"}, id="function-call-string"
+            ),
+            pytest.param(
+                {"role": "assistant", "function_call": {"name": "f", "extra": "x"}},
+                id="function-call-unknown-field",
+            ),
+            pytest.param({"role": "assistant", "refusal": 1}, id="refusal-number"),
+            pytest.param({"role": "user", "content": "hi", "name": []}, id="name-list"),
+            pytest.param(
+                {"role": "user", "content": [{"type": "text", "text": 5}]},
+                id="part-text-number",
+            ),
+            pytest.param(
+                {"role": "user", "content": "hi", "notes": "unseen text"},
+                id="unknown-field",
+            ),
+        ],
+    )
+    def test_malformed_message_raises_bad_request(self, sdk, upstream, message):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            create(sdk, messages=[message, {"role": "user", "content": "hi"}])
+        assert excinfo.value.code == "invalid_request"
+        assert excinfo.value.body["param"] == "messages"
+        assert upstream.requests == []
+
     def test_empty_messages_raise_bad_request(self, sdk, upstream):
         with pytest.raises(openai.BadRequestError):
             create(sdk, messages=[])
@@ -260,6 +306,43 @@ class TestRules:
                 {"role": "tool", "tool_call_id": "c1", "content": "ok"},
             ],
             [{"role": "tool", "tool_call_id": "c1", "content": "forbidden"}],
+            [
+                {
+                    "role": "assistant",
+                    "function_call": {"name": "f", "arguments": "forbidden"},
+                }
+            ],
+            [{"role": "assistant", "content": None, "refusal": "forbidden"}],
+            [
+                {
+                    "role": "assistant",
+                    "content": [{"type": "refusal", "refusal": "forbidden"}],
+                }
+            ],
+            [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "forbidden", "arguments": "{}"},
+                        }
+                    ],
+                }
+            ],
+            [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "custom",
+                            "custom": {"name": "f", "input": "forbidden"},
+                        }
+                    ],
+                }
+            ],
         ]
         for messages in shapes:
             with pytest.raises(openai.BadRequestError) as excinfo:
