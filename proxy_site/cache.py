@@ -2,7 +2,7 @@
 
 import threading
 
-from django.core.cache.backends.redis import RedisCache
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 from django.utils.functional import cached_property
 
 # Clients by (servers, options). redis-py's connection pools are thread-safe,
@@ -17,6 +17,37 @@ POOL_SIZE = 50
 POOL_TIMEOUT = 5.0
 
 
+# Adds to a counter only if it exists, so that a counter that expired is not
+# recreated without its expiry. Returns nil for a missing key.
+_INCR_EXISTING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+return false
+"""
+
+
+class SharedRedisCacheClient(RedisCacheClient):
+    """Django's Redis client, with `incr` in one round trip.
+
+    Django's client sends EXISTS and then INCRBY. The rate limits increment
+    a counter on every request, so a script does both in one command; it is
+    also atomic, where a counter expiring between the two commands would
+    come back without an expiry.
+    """
+
+    def incr(self, key, delta):
+        client = self.get_client(key, write=True)
+        script = self.__dict__.get("_incr_script")
+        if script is None:
+            # The script is sent by its SHA-1, and loaded on a server's first call.
+            script = self._incr_script = client.register_script(_INCR_EXISTING)
+        value = script(keys=[key], args=[delta], client=client)
+        if value is None:
+            raise ValueError(f"Key '{key}' not found.")
+        return value
+
+
 class SharedRedisCache(RedisCache):
     """Django's Redis cache, with one client and connection pool per process.
 
@@ -29,6 +60,7 @@ class SharedRedisCache(RedisCache):
 
     def __init__(self, server, params) -> None:
         super().__init__(server, params)
+        self._class = SharedRedisCacheClient
         if "pool_class" not in self._options:
             # `timeout` in a CACHE_URL sets the keys' expiry, so the wait for a
             # connection has its own name there.

@@ -73,3 +73,29 @@ def test_pool_settings_come_from_options():
     assert type(pool).__name__ == "BlockingConnectionPool"
     assert pool.max_connections == 7
     assert pool.timeout == 2
+
+
+def test_incr_keeps_expiry_and_misses_like_django(redis_location):
+    cache = SharedRedisCache(redis_location, {})
+    key = "proxy:test:incr"
+    cache.set(key, 5, timeout=60)
+
+    assert cache.incr(key) == 6
+    assert cache.incr(key, 10) == 16
+    ttl = cache._cache.get_client(key).ttl(cache.make_and_validate_key(key))
+    assert 0 < ttl <= 60
+    cache.delete(key)
+    with pytest.raises(ValueError):
+        cache.incr(key)
+    assert cache.get(key) is None
+
+
+def test_incr_loads_its_script_after_flush(redis_location):
+    cache = SharedRedisCache(redis_location, {})
+    key = "proxy:test:incr-flushed"
+    cache.set(key, 1, timeout=60)
+    cache.incr(key)
+    cache._cache.get_client(key, write=True).script_flush()
+
+    assert cache.incr(key) == 3
+    cache.delete(key)
