@@ -31,9 +31,9 @@ class SharedRedisCacheClient(RedisCacheClient):
     """Django's Redis client, with `incr` in one round trip.
 
     Django's client sends EXISTS and then INCRBY. The rate limits increment
-    a counter on every request, so a script does both in one command; it is
-    also atomic, where a counter expiring between the two commands would
-    come back without an expiry.
+    a counter on every request, so a script does both in one command. The
+    script is also atomic: with two commands, a counter that expired between
+    them came back without an expiry.
     """
 
     def incr(self, key, delta):
