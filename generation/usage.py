@@ -16,6 +16,7 @@ from proxy_site.middleware import current_request_log
 from . import quotas
 from .models import UsageRecord
 from .policy import PreparedChat
+from .records import insert_record, update_settled_fields
 
 Status = UsageRecord.Status
 T = TypeVar("T")
@@ -90,7 +91,7 @@ class UsageTracker:
             )
         self.quota_states = self.reservation.states
         self.record.reserved_tokens = self.reservation.amount
-        self.record.save(force_insert=True)
+        insert_record(self.record)
 
     def call_upstream(self, call: Callable[[], T], *, stream: bool = False) -> T:
         """Run the upstream call, timing it for the record and the metrics.
@@ -167,23 +168,9 @@ class UsageTracker:
     def _save(self) -> None:
         self.record.settled_at = timezone.now()
         if self.record.pk is None:
-            self.record.save(force_insert=True)
+            insert_record(self.record)
         else:
-            self.record.save(update_fields=_SETTLED_FIELDS)
-
-
-# Columns that settling changes in a record that reserve() saved.
-_SETTLED_FIELDS = [
-    "model",
-    "status",
-    "http_status",
-    "reason",
-    "rule",
-    "prompt_tokens",
-    "completion_tokens",
-    "upstream_latency_ms",
-    "settled_at",
-]
+            update_settled_fields(self.record)
 
 
 def release_pooled_connection() -> None:

@@ -1,0 +1,113 @@
+"""Write usage records with SQL built once per database, not once per save.
+
+Model.save() compiles its INSERT or UPDATE on every call. Every request
+writes its usage record twice (in flight, then settled), so these functions
+build the two statements from the model's fields once and reuse them. On a
+2-core test machine that took the settling UPDATE from 0.42 ms of CPU to 0.20
+ms, and the INSERT from 0.37 ms to 0.29 ms. Values pass
+through each field's pre_save() and get_db_prep_save(), as in Model.save().
+
+NOTE: Model.save() signals (pre_save, post_save) are not sent for these
+writes. No receiver listens for usage records; one added later would have to
+be called from here.
+"""
+
+from django.db import DatabaseError, connections, router
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from .models import UsageRecord
+
+# Columns that settling changes in a record that was saved while in flight.
+SETTLED_FIELDS = (
+    "model",
+    "status",
+    "http_status",
+    "reason",
+    "rule",
+    "prompt_tokens",
+    "completion_tokens",
+    "upstream_latency_ms",
+    "settled_at",
+)
+
+
+class _Statements:
+    """The INSERT and the settling UPDATE of a usage record, for one database."""
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        meta = UsageRecord._meta
+        quote = connection.ops.quote_name
+        table, pk_column = quote(meta.db_table), quote(meta.pk.column)
+
+        self.insert_fields = [
+            field
+            for field in meta.local_concrete_fields
+            if field is not meta.auto_field
+        ]
+        columns = ", ".join(quote(field.column) for field in self.insert_fields)
+        placeholders = ", ".join(["%s"] * len(self.insert_fields))
+        self.insert_sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"
+        self.returns_pk = connection.features.can_return_columns_from_insert
+        if self.returns_pk:
+            self.insert_sql += f" RETURNING {pk_column}"
+
+        self.update_fields = [meta.get_field(name) for name in SETTLED_FIELDS]
+        assignments = ", ".join(
+            f"{quote(field.column)} = %s" for field in self.update_fields
+        )
+        self.update_sql = f"UPDATE {table} SET {assignments} WHERE {pk_column} = %s"
+
+
+_statements: dict[tuple[str, str], _Statements] = {}
+
+
+def _prepare(record: UsageRecord) -> tuple[str, BaseDatabaseWrapper, _Statements]:
+    using = router.db_for_write(UsageRecord, instance=record)
+    connection = connections[using]
+    key = (using, connection.vendor)
+    statements = _statements.get(key)
+    if statements is None:
+        statements = _statements[key] = _Statements(connection)
+    return using, connection, statements
+
+
+def insert_record(record: UsageRecord) -> None:
+    """Insert a new usage record and set its primary key."""
+    using, connection, statements = _prepare(record)
+    params = [
+        field.get_db_prep_save(field.pre_save(record, True), connection)
+        for field in statements.insert_fields
+    ]
+    meta = UsageRecord._meta
+    with connection.cursor() as cursor:
+        cursor.execute(statements.insert_sql, params)
+        if statements.returns_pk:
+            record.pk = cursor.fetchone()[0]
+        else:
+            record.pk = connection.ops.last_insert_id(
+                cursor, meta.db_table, meta.pk.column
+            )
+    record._state.adding = False
+    record._state.db = using
+
+
+def update_settled_fields(record: UsageRecord) -> None:
+    """Write the SETTLED_FIELDS of a saved usage record.
+
+    Raises DatabaseError if the row is gone, as Model.save(update_fields=...)
+    does.
+    """
+    _, connection, statements = _prepare(record)
+    params = [
+        field.get_db_prep_save(field.pre_save(record, False), connection)
+        for field in statements.update_fields
+    ]
+    params.append(record.pk)
+    with connection.cursor() as cursor:
+        cursor.execute(statements.update_sql, params)
+        updated = cursor.rowcount
+    if updated != 1:
+        raise DatabaseError(
+            f"Usage record {record.pk} not found while settling it. It was "
+            "probably deleted while its request was in flight."
+        )
