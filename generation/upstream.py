@@ -1,6 +1,7 @@
 """The process-wide openai client, and the map from its errors to API errors."""
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -94,15 +95,21 @@ def redact(text: str) -> str:
 
 
 def _retry_after(exc: openai.APIStatusError) -> float:
+    """Return the upstream's wait in seconds, or the default for a missing,
+    unreadable, non-finite or non-positive header."""
     headers = exc.response.headers
     try:
         if "retry-after-ms" in headers:
-            return float(headers["retry-after-ms"]) / 1000
-        if "retry-after" in headers:
-            return float(headers["retry-after"])
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
+            seconds = float(headers["retry-after"])
+        else:
+            return DEFAULT_UPSTREAM_RETRY_AFTER
     except ValueError:
-        pass
-    return DEFAULT_UPSTREAM_RETRY_AFTER
+        return DEFAULT_UPSTREAM_RETRY_AFTER
+    if not math.isfinite(seconds) or seconds <= 0:
+        return DEFAULT_UPSTREAM_RETRY_AFTER
+    return seconds
 
 
 def translate_error(exc: openai.OpenAIError) -> ProxyError:

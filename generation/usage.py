@@ -1,5 +1,6 @@
 """Usage records: one per authenticated request, kept in step with the quota."""
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,6 +18,8 @@ from . import quotas
 from .models import UsageRecord
 from .policy import PreparedChat
 from .records import insert_record, update_settled_fields
+
+logger = logging.getLogger(__name__)
 
 Status = UsageRecord.Status
 T = TypeVar("T")
@@ -55,18 +58,33 @@ class UsageTracker:
     def __exit__(self, exc_type, exc, traceback) -> bool:
         if exc is None:
             return False
-        self._release()
+        # The record is saved even if releasing the reservation or naming the
+        # error fails, so that no request stays pending.
+        try:
+            self._record_failure(exc)
+            self._release()
+        finally:
+            self._save()
+        return False
+
+    def _record_failure(self, exc: BaseException) -> None:
         self.record.status = Status.FAILED if self.called_upstream else Status.REFUSED
+        self.record.http_status = 500
+        self.record.reason = "internal_error"
         if isinstance(exc, APIException):
+            try:
+                reason = error_code(exc)
+            except Exception:
+                # The exception handler fails the same way, so the client
+                # gets a 500, as recorded.
+                logger.exception(
+                    "Building the error response for %s failed.", type(exc).__name__
+                )
+                return
             self.record.http_status = exc.status_code
-            self.record.reason = error_code(exc)
-        else:
-            self.record.http_status = 500
-            self.record.reason = "internal_error"
+            self.record.reason = reason
         if isinstance(exc, PromptRejected):
             self.record.rule_id = exc.extra.get("rule_id")
-        self._save()
-        return False
 
     def reserve(self, chat: PreparedChat) -> None:
         """Hold the request's worst case and save the record as in flight.

@@ -209,13 +209,23 @@ def _first_validation_error(detail) -> tuple[str | None, str]:
     return None, str(detail)
 
 
+def retry_after_header(seconds: float) -> str:
+    """Return a Retry-After value: whole seconds, at least 1.
+
+    A non-finite wait has no whole number of seconds, so it becomes 1.
+    """
+    if not math.isfinite(seconds):
+        return "1"
+    return str(max(1, math.ceil(seconds)))
+
+
 def envelope_for(exc: exceptions.APIException) -> tuple[dict, dict]:
     """Return the error body and extra headers for a DRF exception."""
     headers: dict[str, str] = {}
     if isinstance(exc, ProxyError):
         headers.update(exc.headers)
         if exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            headers["Retry-After"] = retry_after_header(exc.retry_after)
         body = error_body(
             str(exc.detail),
             code=exc.default_code,
@@ -244,7 +254,7 @@ def envelope_for(exc: exceptions.APIException) -> tuple[dict, dict]:
         return body, headers
     code, error_type = _DRF_CODES.get(type(exc), ("invalid_request", "server_error"))
     if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(exc.wait)))
+        headers["Retry-After"] = retry_after_header(exc.wait)
     return error_body(str(exc.detail), code=code, error_type=error_type), headers
 
 

@@ -316,6 +316,35 @@ def test_upstream_rate_limit_passes_retry_after(api_client, upstream):
     assert response["Retry-After"] == "7"
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"retry-after": "inf"}, id="infinite"),
+        pytest.param({"retry-after": "nan"}, id="not-a-number"),
+        pytest.param({"retry-after": "-5"}, id="negative"),
+        pytest.param({"retry-after": "soon"}, id="not-numeric"),
+        pytest.param({"retry-after-ms": "1e400"}, id="milliseconds-overflow"),
+    ],
+)
+def test_unusable_upstream_retry_after_gets_default(api_client, upstream, headers):
+    upstream.queue(Behaviour(status=429, headers=headers))
+    api_key, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_rate_limited"
+    assert response["Retry-After"] == "1"
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == "failed"
+    assert record.reason == "upstream_rate_limited"
+
+
+def test_upstream_retry_after_ms_is_rounded_up(api_client, upstream):
+    upstream.queue(Behaviour(status=429, headers={"retry-after-ms": "1500"}))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response["Retry-After"] == "2"
+
+
 def test_upstream_credential_failure_is_logged_as_error(api_client, upstream, caplog):
     upstream.queue(Behaviour(status=401))
     _, raw_key = make_key()
