@@ -7,11 +7,15 @@ from typing import TypeVar
 
 from django.db import connection
 from django.utils import timezone
-from rest_framework.exceptions import APIException
 
 from keys.models import APIKey
 from proxy_site import metrics
-from proxy_site.errors import PromptRejected, QuotaExceeded, error_code
+from proxy_site.errors import (
+    PromptRejected,
+    QuotaExceeded,
+    as_api_exception,
+    error_code,
+)
 from proxy_site.middleware import current_request_log
 
 from . import quotas
@@ -71,9 +75,10 @@ class UsageTracker:
         self.record.status = Status.FAILED if self.called_upstream else Status.REFUSED
         self.record.http_status = 500
         self.record.reason = "internal_error"
-        if isinstance(exc, APIException):
+        api_exception = as_api_exception(exc)
+        if api_exception is not None:
             try:
-                reason = error_code(exc)
+                reason = error_code(api_exception)
             except Exception:
                 # The exception handler fails the same way, so the client
                 # gets a 500, as recorded.
@@ -81,7 +86,7 @@ class UsageTracker:
                     "Building the error response for %s failed.", type(exc).__name__
                 )
                 return
-            self.record.http_status = exc.status_code
+            self.record.http_status = api_exception.status_code
             self.record.reason = reason
         if isinstance(exc, PromptRejected):
             self.record.rule_id = exc.extra.get("rule_id")

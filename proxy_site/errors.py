@@ -264,18 +264,29 @@ def error_code(exc: exceptions.APIException) -> str:
     return body["error"]["code"]
 
 
-def exception_handler(exc: Exception, context: dict) -> Response | None:
-    """Render any DRF exception, and Django's 404, in the proxy's error envelope."""
+def as_api_exception(exc: BaseException) -> exceptions.APIException | None:
+    """Return the API error that the client receives for an exception.
+
+    Returns None for an exception that leads to a 500 internal_error.
+    """
     if isinstance(exc, Http404):
-        exc = exceptions.NotFound()
+        return exceptions.NotFound()
     if isinstance(exc, RequestDataTooBig):
         # DRF reads the whole body through Django, which checks its length
         # against DATA_UPLOAD_MAX_MEMORY_SIZE (set to PROXY_MAX_REQUEST_BYTES).
-        exc = RequestTooLarge(
+        return RequestTooLarge(
             f"The request body is larger than {settings.PROXY_MAX_REQUEST_BYTES} "
             "bytes, the limit."
         )
-    if not isinstance(exc, exceptions.APIException):
+    if isinstance(exc, exceptions.APIException):
+        return exc
+    return None
+
+
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    """Render any DRF exception, and Django's 404, in the proxy's error envelope."""
+    exc = as_api_exception(exc)
+    if exc is None:
         return None
     body, headers = envelope_for(exc)
     status_code = exc.status_code

@@ -580,12 +580,16 @@ def test_surrogate_pair_escape_is_text(api_client, upstream):
 
 
 def test_declared_length_over_django_limit_is_413(api_client, upstream):
-    _, raw_key = make_key()
+    api_key, raw_key = make_key()
     response = post(
         api_client, {"prompt": "hi"}, key=raw_key, CONTENT_LENGTH="99999999"
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == "refused"
+    assert record.http_status == 413
+    assert record.reason == "request_too_large"
 
 
 def test_chunked_body_without_length_is_411(api_client, upstream):

@@ -58,13 +58,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def generate(client, raw_key: str, **body) -> HttpResponseBase:
+def generate(
+    client, raw_key: str, *, content_length: str | None = None, **body
+) -> HttpResponseBase:
     body.setdefault("prompt", "name three rivers")
+    extra = {} if content_length is None else {"CONTENT_LENGTH": content_length}
     return client.post(
         "/generate-text/",
         json.dumps(body),
         content_type="application/json",
         headers={"x-api-key": raw_key},
+        **extra,
     )
 
 
@@ -235,6 +239,13 @@ def _invalid_key(client) -> tuple[str, int]:
     return "none", generate(client, "sk-AAAAAAAA-" + "B" * 40).status_code
 
 
+def _too_large(client) -> tuple[str, int]:
+    tier = make_tier("refuse-size")
+    _, raw_key = make_key(tier=tier)
+    # Over Django's DATA_UPLOAD_MAX_MEMORY_SIZE, which is PROXY_MAX_REQUEST_BYTES.
+    return tier.name, generate(client, raw_key, content_length="99999999").status_code
+
+
 def _failed_attempts(client) -> tuple[str, int]:
     generate(client, "sk-AAAAAAAA-" + "B" * 40)
     return "none", generate(client, "sk-AAAAAAAA-" + "C" * 40).status_code
@@ -248,6 +259,7 @@ def _failed_attempts(client) -> tuple[str, int]:
         pytest.param(_rejected_prompt, "prompt_rejected", 400, id="prompt-rule"),
         pytest.param(_model_not_allowed, "model_not_allowed", 403, id="model"),
         pytest.param(_invalid_key, "invalid_api_key", 403, id="invalid-key"),
+        pytest.param(_too_large, "request_too_large", 413, id="too-large"),
         pytest.param(
             _failed_attempts, "too_many_failed_attempts", 429, id="failed-attempts"
         ),

@@ -134,6 +134,19 @@ class TestAccessLine:
         assert refused["fields"]["reason"] == "rate_limit_exceeded"
         assert refused["fields"]["prompt_tokens"] == "0"
 
+    def test_too_large_line_has_reason(self, api_client, log_output):
+        _, raw_key = make_key()
+        api_client.post(
+            "/generate-text/",
+            json.dumps({"prompt": "hi"}),
+            content_type="application/json",
+            headers={"x-api-key": raw_key},
+            CONTENT_LENGTH="99999999",
+        )
+        [line] = access_lines(parse_plain(log_output))
+        assert line["fields"]["status"] == "413"
+        assert line["fields"]["reason"] == "request_too_large"
+
     def test_unknown_path_is_quoted_on_one_line(self, api_client, log_output):
         api_client.get("/v1/x%0Aforged=1 y")
         lines = log_output.getvalue().splitlines()
