@@ -1,4 +1,4 @@
-"""A JSON parser that rejects bodies over the configured size."""
+"""A JSON parser that rejects bodies over the configured size or nesting depth."""
 
 import io
 import re
@@ -9,6 +9,13 @@ from rest_framework.parsers import JSONParser
 
 from proxy_site.errors import RequestTooLarge
 
+# Deepest nesting of arrays and objects accepted in a request body. Chat
+# messages, tool definitions and JSON schemas need far less. Code that later
+# walks the body recursively (DRF's JSONField, json.dumps, the openai client)
+# would hit Python's recursion limit, 1000 frames by default, on a body
+# nested a few hundred levels deep.
+MAX_JSON_DEPTH = 100
+
 
 class LimitedJSONParser(JSONParser):
     """Parse JSON, raising RequestTooLarge (413) for a body over the limit.
@@ -16,7 +23,8 @@ class LimitedJSONParser(JSONParser):
     The limit is `PROXY_MAX_REQUEST_BYTES`. DRF 3.18 first reads the body
     through `request.body`, where Django applies DATA_UPLOAD_MAX_MEMORY_SIZE
     (set to the same value). This check keeps the limit when a test or a
-    later DRF passes the stream instead. It also rejects lone surrogates.
+    later DRF passes the stream instead. It also rejects lone surrogates and
+    nesting deeper than MAX_JSON_DEPTH, with ParseError (400 invalid_json).
     """
 
     def parse(self, stream, media_type=None, parser_context=None):
@@ -36,6 +44,14 @@ class LimitedJSONParser(JSONParser):
             raise ParseError(
                 "JSON parse error - the JSON is nested too deeply."
             ) from exc
+        # Each level of nesting takes one bracket, so a body with few brackets
+        # (in strings or not) needs no walk.
+        brackets = data.count(b"[") + data.count(b"{")
+        if brackets > MAX_JSON_DEPTH and exceeds_depth(parsed, MAX_JSON_DEPTH):
+            raise ParseError(
+                f"JSON parse error - arrays and objects may nest at most "
+                f"{MAX_JSON_DEPTH} levels deep."
+            )
         if SURROGATE_ESCAPE.search(data) and has_lone_surrogate(parsed):
             raise ParseError(
                 "JSON parse error - a string contains an unpaired UTF-16 "
@@ -49,17 +65,47 @@ class LimitedJSONParser(JSONParser):
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def has_lone_surrogate(value: object) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
+def exceeds_depth(value: object, limit: int) -> bool:
+    """Return whether lists and dicts in `value` nest more than `limit` deep.
+
+    The walk goes one level at a time, without recursion, so any depth works.
+    """
+    if not isinstance(value, dict | list):
         return False
-    if isinstance(value, dict):
-        return any(
-            has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items()
-        )
-    if isinstance(value, list):
-        return any(has_lone_surrogate(item) for item in value)
+    level = [value]
+    depth = 1
+    while level:
+        if depth > limit:
+            return True
+        inner = []
+        for container in level:
+            children = container.values() if isinstance(container, dict) else container
+            inner.extend(child for child in children if isinstance(child, dict | list))
+        level = inner
+        depth += 1
     return False
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Return whether any string in `value`, dict keys included, contains a
+    lone surrogate. The walk uses a list as its stack, so any depth works."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not _is_encodable(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
