@@ -1,5 +1,6 @@
 """Request bodies of the text generation endpoint."""
 
+import math
 import threading
 
 from django.core.validators import RegexValidator
@@ -70,8 +71,43 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
+NON_FINITE_MESSAGE = (
+    "A number in this value is out of range. Send finite numbers, at most "
+    "about 1.8e308 in magnitude."
+)
+
+
+def contains_non_finite(value: object) -> bool:
+    """Return whether `value` contains an infinite or NaN float at any depth.
+
+    Python's json module parses a number beyond the float range, such as
+    1e400, as infinity, which cannot be encoded as JSON again.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+class FiniteJSONField(serializers.JSONField):
+    """A JSONField that rejects infinite and NaN numbers with a clear message."""
+
+    def to_internal_value(self, data):
+        if contains_non_finite(data):
+            raise serializers.ValidationError(NON_FINITE_MESSAGE)
+        return super().to_internal_value(data)
+
+
 class TypedJSONField(serializers.JSONField):
-    """A JSONField whose value must be one of the given JSON types."""
+    """A JSONField whose value must be one of the given JSON types, with
+    finite numbers only."""
 
     def __init__(self, *, types: tuple[type, ...], expected: str, **kwargs) -> None:
         self.types = types
@@ -85,6 +121,8 @@ class TypedJSONField(serializers.JSONField):
             or not isinstance(data, self.types)
         ):
             raise serializers.ValidationError(f"Expected {self.expected}.")
+        if contains_non_finite(data):
+            raise serializers.ValidationError(NON_FINITE_MESSAGE)
         return data
 
 
@@ -232,7 +270,7 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
 
     model = ModelNameField(required=False)
     messages = serializers.ListField(
-        child=serializers.JSONField(validators=[validate_message]),
+        child=FiniteJSONField(validators=[validate_message]),
         allow_empty=False,
         max_length=10_000,
     )

@@ -1,5 +1,6 @@
 """The process-wide openai client, and the map from its errors to API errors."""
 
+import json
 import logging
 import math
 import re
@@ -15,6 +16,7 @@ from django.dispatch import receiver
 
 from proxy_site.errors import (
     ProxyError,
+    UnencodableRequestBody,
     UpstreamError,
     UpstreamMisconfigured,
     UpstreamRateLimited,
@@ -68,9 +70,31 @@ def post_json(path: str, body: dict, *, stream: bool = False) -> httpx2.Response
     methods (client.chat.completions.create and the like) would also walk
     every parameter through their type transform; the proxy's bodies are
     validated already and hold only JSON values, so that walk is skipped.
+    The body is encoded here, so that a value JSON cannot represent raises
+    UnencodableRequestBody (400), not an error about the upstream's reply.
     With `stream`, the body is left unread for the caller to iterate and close.
     """
-    return get_client().post(path, cast_to=httpx2.Response, body=body, stream=stream)
+    content = encode_json_body(body)
+    return get_client().post(path, cast_to=httpx2.Response, body=content, stream=stream)
+
+
+def encode_json_body(body: dict) -> bytes:
+    """Encode a request body as UTF-8 JSON, as the openai client would.
+
+    Raises UnencodableRequestBody for an infinite or NaN number, or a string
+    with a lone surrogate. Request validation rejects both before this
+    point, so this check is a second line of defence.
+    """
+    try:
+        text = json.dumps(
+            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
+        return text.encode()
+    except ValueError as exc:  # UnicodeEncodeError is a ValueError too.
+        logger.warning(
+            "The request body could not be encoded as JSON: %s", type(exc).__name__
+        )
+        raise UnencodableRequestBody() from exc
 
 
 def reset_client() -> None:

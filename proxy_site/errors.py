@@ -49,6 +49,16 @@ class RequestTooLarge(ProxyError):
     error_type = "invalid_request_error"
 
 
+class UnencodableRequestBody(ProxyError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = (
+        "The request body contains a value that cannot be sent as JSON, such as "
+        "an infinite number. Send finite numbers and valid text only."
+    )
+    default_code = "invalid_request"
+    error_type = "invalid_request_error"
+
+
 class TooManyFailedAttempts(ProxyError):
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
     default_detail = (
