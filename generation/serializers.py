@@ -265,6 +265,17 @@ def validate_message(message: object) -> None:
         raise serializers.ValidationError("A message's audio must be an object.")
 
 
+def validate_stop(value: object) -> None:
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+        raise serializers.ValidationError("Expected a string or a list of strings.")
+
+
+def validate_stream_options(value: object) -> None:
+    if isinstance(value, dict) and "include_usage" in value:
+        if not isinstance(value["include_usage"], bool):
+            raise serializers.ValidationError("include_usage must be true or false.")
+
+
 class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """The body of POST /v1/chat/completions, as OpenAI's API defines it."""
 
@@ -276,7 +287,11 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
     )
     stream = StrictBooleanField(required=False, default=False)
     stream_options = TypedJSONField(
-        required=False, allow_null=True, types=(dict,), expected="an object"
+        required=False,
+        allow_null=True,
+        types=(dict,),
+        expected="an object",
+        validators=[validate_stream_options],
     )
     max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = StrictIntegerField(
@@ -299,6 +314,7 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
         allow_null=True,
         types=(str, list),
         expected="a string or a list of strings",
+        validators=[validate_stop],
     )
     logit_bias = TypedJSONField(
         required=False, allow_null=True, types=(dict,), expected="an object"
@@ -403,8 +419,12 @@ def validate_body(serializer_class: type[serializers.Serializer], data: object) 
     on the request path costs more than the validation itself. A thread
     validates one body at a time, so it keeps one serializer of each class and
     clears the previous body's results before each use. Raises
-    ValidationError like is_valid.
+    ValidationError like is_valid, and for a body that is not a JSON object.
     """
+    if not isinstance(data, dict):
+        raise serializers.ValidationError(
+            f"The request body must be a JSON object, but it is {_json_kind(data)}."
+        )
     kept = _per_thread.__dict__.setdefault("serializers", {})
     serializer = kept.get(serializer_class)
     if serializer is None:
@@ -416,3 +436,18 @@ def validate_body(serializer_class: type[serializers.Serializer], data: object) 
             serializer.__dict__.pop(name, None)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
+
+
+def _json_kind(value: object) -> str:
+    """Return the JSON name of a parsed value's type, with an article."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -105,3 +105,81 @@ def test_finite_numbers_are_forwarded(api_client, upstream):
     sent = upstream.requests[0].json
     assert sent["logit_bias"] == {"50256": -100}
     assert json.dumps(sent["metadata"]) == '{"a": 1.5e+308}'
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param("[1, 2]", id="numbers"),
+        pytest.param('["end", null]', id="null-item"),
+        pytest.param('["end", ["nested"]]', id="list-item"),
+    ],
+)
+def test_stop_with_non_string_item_is_rejected(api_client, upstream, stop):
+    _, raw_key = make_key()
+    response = post_chat(api_client, chat_body(f'"stop": {stop}'), raw_key)
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "invalid_request"
+    assert error["param"] == "stop"
+    assert error["message"] == "stop: Expected a string or a list of strings."
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("stop", ['"end"', '["end", "\\n\\n"]', "[]"])
+def test_stop_strings_are_forwarded(api_client, upstream, stop):
+    _, raw_key = make_key()
+    response = post_chat(api_client, chat_body(f'"stop": {stop}'), raw_key)
+    assert response.status_code == 200
+    assert upstream.requests[0].json["stop"] == json.loads(stop)
+
+
+@pytest.mark.parametrize("include_usage", ['"no"', '"false"', "0", "1", "null"])
+def test_include_usage_must_be_boolean(api_client, upstream, include_usage):
+    _, raw_key = make_key()
+    extra = f'"stream": true, "stream_options": {{"include_usage": {include_usage}}}'
+    response = post_chat(api_client, chat_body(extra), raw_key)
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "invalid_request"
+    assert error["param"] == "stream_options"
+    assert "include_usage must be true or false" in error["message"]
+    assert upstream.requests == []
+
+
+def test_include_usage_false_leaves_out_usage(api_client, upstream):
+    _, raw_key = make_key()
+    extra = '"stream": true, "stream_options": {"include_usage": false}'
+    response = post_chat(api_client, chat_body(extra), raw_key)
+    events = b"".join(response.streaming_content).decode()
+    assert response.status_code == 200
+    assert '"prompt_tokens"' not in events
+    assert events.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        pytest.param("null", "null", id="null"),
+        pytest.param("[]", "an array", id="array"),
+        pytest.param('"hi"', "a string", id="string"),
+        pytest.param("3", "a number", id="number"),
+        pytest.param("true", "a boolean", id="boolean"),
+    ],
+)
+@pytest.mark.parametrize(
+    "url", ["/generate-text/", "/v1/chat/completions", "/v1/embeddings"]
+)
+def test_body_that_is_not_an_object_is_rejected(api_client, upstream, url, body, kind):
+    _, raw_key = make_key()
+    response = api_client.post(
+        url, body, content_type="application/json", headers={"x-api-key": raw_key}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "invalid_request"
+    assert error["param"] is None
+    assert (
+        error["message"] == f"The request body must be a JSON object, but it is {kind}."
+    )
+    assert upstream.requests == []
