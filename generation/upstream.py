@@ -136,6 +136,15 @@ def _retry_after(exc: openai.APIStatusError) -> float:
     return seconds
 
 
+def _is_quota_exhausted(exc: openai.RateLimitError) -> bool:
+    """Return whether a 429 means the upstream account has no quota or credit.
+
+    OpenAI sends such a 429 with the error code and type `insufficient_quota`.
+    Unlike a rate limit, it does not end by waiting.
+    """
+    return "insufficient_quota" in (exc.code, exc.type)
+
+
 def translate_error(exc: openai.OpenAIError) -> ProxyError:
     """Map an openai exception to the API error the client receives.
 
@@ -153,6 +162,15 @@ def translate_error(exc: openai.OpenAIError) -> ProxyError:
         return UpstreamError()
     status = exc.status_code
     upstream_id = exc.request_id or "-"
+    if isinstance(exc, openai.RateLimitError) and _is_quota_exhausted(exc):
+        logger.error(
+            "Upstream refused the request because the proxy's upstream account "
+            "has no quota or credit left (upstream id %s): %s. Add credit or raise "
+            "the account's limits. Retrying will not help.",
+            upstream_id,
+            redact(exc.message),
+        )
+        return UpstreamMisconfigured()
     if isinstance(exc, openai.RateLimitError):
         logger.warning("Upstream rate-limited the proxy (upstream id %s).", upstream_id)
         return UpstreamRateLimited(retry_after=_retry_after(exc))

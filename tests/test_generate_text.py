@@ -260,6 +260,19 @@ def test_browsable_api_shows_form(api_client):
     assert "Generate Text" in content
 
 
+# OpenAI's reply when the account has no credit left.
+QUOTA_EXHAUSTED = Behaviour(
+    status=429,
+    body={
+        "error": {
+            "message": f"You exceeded your current quota ({INTERNAL_DETAIL}).",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    },
+)
+
 UPSTREAM_FAILURES = [
     pytest.param(Behaviour(delay=5), 504, "upstream_timeout", id="timeout"),
     pytest.param(
@@ -278,6 +291,9 @@ UPSTREAM_FAILURES = [
     ),
     pytest.param(
         Behaviour(status=401), 502, "upstream_misconfigured", id="upstream-401"
+    ),
+    pytest.param(
+        QUOTA_EXHAUSTED, 502, "upstream_misconfigured", id="upstream-quota-exhausted"
     ),
     pytest.param(
         Behaviour(status=403), 502, "upstream_misconfigured", id="upstream-403"
@@ -353,6 +369,30 @@ def test_upstream_credential_failure_is_logged_as_error(api_client, upstream, ca
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "credentials" in errors[0].getMessage()
+
+
+def test_upstream_quota_exhausted_is_not_retryable(api_client, upstream, caplog):
+    upstream.queue(QUOTA_EXHAUSTED)
+    api_key, raw_key = make_key()
+    with caplog.at_level(logging.INFO):
+        response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_misconfigured"
+    assert "Retry-After" not in response
+    assert len(errors) == 1
+    assert "no quota or credit" in errors[0].getMessage()
+    assert UsageRecord.objects.get(api_key=api_key).reason == "upstream_misconfigured"
+
+
+def test_upstream_rate_limit_with_other_code_is_503(api_client, upstream):
+    body = {"error": {"message": "Slow down.", "code": "rate_limit_exceeded"}}
+    upstream.queue(Behaviour(status=429, body=body, headers={"retry-after": "3"}))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_rate_limited"
+    assert response["Retry-After"] == "3"
 
 
 def test_upstream_unreachable_is_502(api_client, settings):
