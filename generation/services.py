@@ -41,8 +41,8 @@ def _parse_reply(content: bytes) -> ChatReply:
     """Check that the upstream body is a chat completion with choices."""
     try:
         data = json.loads(content)
-    except ValueError:
-        logger.error("Upstream chat completion is not JSON.")
+    except (ValueError, RecursionError):
+        logger.error("Upstream chat completion is not JSON, or is nested too deeply.")
         raise UpstreamError() from None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices:

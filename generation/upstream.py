@@ -201,8 +201,9 @@ def upstream_errors() -> Iterator[None]:
         yield
     except openai.OpenAIError as exc:
         raise translate_error(exc) from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         # The openai client raises JSONDecodeError or pydantic's ValidationError,
-        # both ValueErrors, for a 200 reply whose body is not a valid completion.
+        # both ValueErrors, for a 200 reply whose body is not a valid completion,
+        # and RecursionError for one nested too deeply to parse.
         logger.error("Upstream reply could not be parsed: %s", type(exc).__name__)
         raise UpstreamError() from exc

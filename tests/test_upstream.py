@@ -1,11 +1,14 @@
 """The upstream client wrapper: request encoding and the map of upstream errors."""
 
+import json
 import logging
 
 import pytest
 
 from generation.upstream import post_json, upstream_errors
 from proxy_site.errors import UnencodableRequestBody
+from tests.factories import make_key
+from tests.fake_upstream import Behaviour
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -36,3 +39,41 @@ def test_encoded_body_reaches_upstream(upstream):
     assert response.status_code == 200
     assert request.json == body
     assert request.headers["content-type"] == "application/json"
+
+
+# Nested far deeper than Python's recursion limit (1000 frames by default).
+DEEP_JSON = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        pytest.param(
+            "post",
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": HELLO},
+            id="chat",
+        ),
+        pytest.param(
+            "post",
+            "/v1/embeddings",
+            {"model": "text-embedding-3-small", "input": "hi"},
+            id="embeddings",
+        ),
+        pytest.param("get", "/v1/models", None, id="models"),
+    ],
+)
+def test_deeply_nested_reply_is_upstream_error(api_client, upstream, method, url, body):
+    reply = b'{"choices": ' + DEEP_JSON + b', "data": ' + DEEP_JSON + b"}"
+    upstream.queue(Behaviour(status=200, body=reply))
+    _, raw_key = make_key()
+    headers = {"x-api-key": raw_key}
+    if method == "get":
+        response = api_client.get(url, headers=headers)
+    else:
+        response = api_client.post(
+            url, json.dumps(body), content_type="application/json", headers=headers
+        )
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
