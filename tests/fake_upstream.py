@@ -87,6 +87,10 @@ class Behaviour:
     # Streams only: after this many "data:" events, wait stall_seconds, then go on.
     stall_after_chunks: int | None = None
     stall_seconds: float = 0.0
+    # Streams only: the events to send in place of the reply's chunks, each after
+    # "data: " (a str as it is, anything else as JSON), then "data: [DONE]".
+    # Drops and stalls count these events.
+    events: Sequence[object] | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and not 100 <= self.status <= 599:
@@ -104,6 +108,9 @@ class Behaviour:
             raise ValueError("close_connection cannot be combined with status or body")
         if self.omit_usage and self.usage is not None:
             raise ValueError("omit_usage cannot be combined with usage")
+        has_reply = self.status is not None or self.body is not None
+        if self.events is not None and has_reply:
+            raise ValueError("events cannot be combined with status or body")
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,15 @@ def _stream_events(completion: dict[str, Any], include_usage: bool) -> list[byte
         chunks.append({**base, "choices": [], "usage": completion["usage"]})
 
     events = [b"data: " + json.dumps(item).encode() + b"\n\n" for item in chunks]
+    return [*events, b"data: [DONE]\n\n"]
+
+
+def _scripted_events(items: Sequence[object]) -> list[bytes]:
+    """Encode scripted stream events as server-sent events, ending with ``[DONE]``."""
+    events = []
+    for item in items:
+        data = item if isinstance(item, str) else json.dumps(item)
+        events.append(b"data: " + data.encode() + b"\n\n")
     return [*events, b"data: [DONE]\n\n"]
 
 
@@ -456,7 +472,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if payload.get("stream") is True:
             options = payload.get("stream_options") or {}
             include_usage = isinstance(options, dict) and options.get("include_usage")
-            events = _stream_events(completion, include_usage is True)
+            if behaviour.events is None:
+                events = _stream_events(completion, include_usage is True)
+            else:
+                events = _scripted_events(behaviour.events)
             self._send_stream(events, behaviour, settings.chunk_delay)
         else:
             self._send_json(200, completion, behaviour)

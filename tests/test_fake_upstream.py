@@ -417,6 +417,21 @@ def test_reply_text_and_usage_override(
     assert completion.usage.total_tokens == 120
 
 
+def test_scripted_events_replace_chunks(upstream: FakeUpstream) -> None:
+    scripted = [{"choices": 5}, "not json"]
+    upstream.queue(Behaviour(events=scripted))
+    body = json.dumps({"model": "gpt-4o", "messages": HELLO, "stream": True})
+    connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=1)
+    connection.request("POST", "/v1/chat/completions", body=body)
+    events = connection.getresponse().read().decode().split("\n\n")
+    connection.close()
+
+    assert events[0] == 'data: {"choices": 5}'
+    assert events[1] == "data: not json"
+    assert events[2] == "data: [DONE]"
+    assert events[3] == ""
+
+
 def test_omit_usage_leaves_usage_out(
     upstream: FakeUpstream, client: openai.OpenAI
 ) -> None:
@@ -495,6 +510,7 @@ def test_chat_rejects_missing_messages(client: openai.OpenAI) -> None:
         pytest.param({"drop_after_chunks": -1}, id="negative-drop"),
         pytest.param({"close_connection": True, "status": 500}, id="close-and-status"),
         pytest.param({"omit_usage": True, "usage": {}}, id="omit-and-usage"),
+        pytest.param({"events": [], "status": 200}, id="events-and-status"),
     ],
 )
 def test_behaviour_rejects_invalid_fields(fields: dict[str, object]) -> None:
