@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from proxy_site.errors import UpstreamError
 
 from .policy import PreparedChat, generate_text_messages, prepare_chat
+from .replies import MalformedReply, check_completion
 from .streaming import ChatStreamRelay, EventRenderer, sse
 from .tokens import count_text_tokens, reported_tokens
 from .upstream import post_json, upstream_errors
@@ -32,9 +33,7 @@ class ChatReply:
 
 
 def _message_text(choice: dict) -> str:
-    message = choice.get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    return content if isinstance(content, str) else ""
+    return choice["message"].get("content") or ""
 
 
 def _parse_reply(content: bytes) -> ChatReply:
@@ -44,13 +43,11 @@ def _parse_reply(content: bytes) -> ChatReply:
     except (ValueError, RecursionError):
         logger.error("Upstream chat completion is not JSON, or is nested too deeply.")
         raise UpstreamError() from None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list) or not choices:
-        logger.error("Upstream chat completion has no choices.")
-        raise UpstreamError()
-    if not all(isinstance(choice, dict) for choice in choices):
-        logger.error("Upstream chat completion has a choice that is not an object.")
-        raise UpstreamError()
+    try:
+        check_completion(data)
+    except MalformedReply as exc:
+        logger.error("Upstream chat completion is malformed: %s.", exc)
+        raise UpstreamError() from exc
     return ChatReply(content=content, data=data)
 
 
@@ -181,7 +178,6 @@ def _render_text_event(event: dict, raw: str) -> bytes | None:
     pieces = [
         (choice.get("delta") or {}).get("content") or ""
         for choice in event.get("choices") or []
-        if isinstance(choice, dict)
     ]
     text = "".join(pieces)
     return sse(json.dumps({"text": text})) if text else None

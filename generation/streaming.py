@@ -16,6 +16,7 @@ from proxy_site.errors import ProxyError, UpstreamError, UpstreamTimeout, error_
 
 from .models import UsageRecord
 from .policy import PreparedChat
+from .replies import MalformedReply, check_chunk
 from .tokens import count_text_tokens, reported_tokens
 from .usage import UsageTracker
 
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 Status = UsageRecord.Status
 CLIENT_DISCONNECTED = "client_disconnected"
-# Renders one parsed upstream event (and its raw JSON text) as bytes for the
-# client, or None to drop it.
+# Renders an upstream event that check_chunk accepted, with its raw JSON text,
+# as bytes for the client, or None to drop it.
 EventRenderer = Callable[[dict, str], bytes | None]
 
 
@@ -150,16 +151,19 @@ class ChatStreamRelay:
         if "error" in event:
             logger.warning("Upstream ended the stream with an error event.")
             raise UpstreamError()
+        try:
+            check_chunk(event)
+        except MalformedReply as exc:
+            logger.warning("Upstream sent a malformed stream event: %s.", exc)
+            raise UpstreamError() from exc
         return event
 
     def _observe(self, event: dict) -> None:
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         for choice in event.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
             content = (choice.get("delta") or {}).get("content")
-            if isinstance(content, str):
+            if content:
                 self.completion_text.append(content)
             if choice.get("finish_reason"):
                 self.finished = True

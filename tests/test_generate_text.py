@@ -7,6 +7,12 @@ from django.conf import settings
 from generation.models import UsageRecord
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
+from tests.replies import (
+    MALFORMED_CHUNKS,
+    MALFORMED_COMPLETIONS,
+    finish_chunk,
+    text_chunk,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -484,6 +490,28 @@ def test_stream_failure_ends_with_error_event(api_client, upstream):
     assert INTERNAL_DETAIL not in "".join(events)
 
 
+@pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
+@pytest.mark.parametrize("position", [0, 1], ids=["first", "later"])
+def test_stream_malformed_event_ends_with_error(
+    api_client, upstream, malformed, position
+):
+    events = [text_chunk("hello"), finish_chunk()]
+    events.insert(position, malformed)
+    upstream.queue(Behaviour(events=events))
+    api_key, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi", "stream": True}, key=raw_key)
+    assert response.status_code == 200
+    events = read_events(response)
+    error_events = [event for event in events if '"error"' in event]
+    assert error_events == [events[-1]]
+    assert json.loads(events[-1])["error"]["code"] == "upstream_error"
+    assert len(events) == position + 1
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == "upstream_error"
+    assert record.http_status == 502
+
+
 def test_stream_refusal_is_plain_error(api_client, upstream):
     upstream.queue(Behaviour(status=500))
     _, raw_key = make_key()
@@ -555,6 +583,18 @@ def test_reply_without_choices_is_upstream_error(api_client, upstream):
     response = post(api_client, {"prompt": "hi"}, key=raw_key)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
+
+
+@pytest.mark.parametrize("body", MALFORMED_COMPLETIONS)
+def test_malformed_reply_is_upstream_error(api_client, upstream, body):
+    upstream.queue(Behaviour(status=200, body=body))
+    api_key, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == "upstream_error"
 
 
 def test_nonsense_usage_is_counted_by_proxy(api_client, upstream):

@@ -14,6 +14,12 @@ from generation.tokens import count_text_tokens
 from keys.models import PromptRule
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
+from tests.replies import (
+    MALFORMED_CHUNKS,
+    MALFORMED_COMPLETIONS,
+    finish_chunk,
+    text_chunk,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -256,6 +262,15 @@ class TestErrors:
         assert excinfo.value.status_code == 504
         assert excinfo.value.code == "upstream_timeout"
 
+    @pytest.mark.parametrize("body", MALFORMED_COMPLETIONS)
+    def test_malformed_reply_is_bad_gateway(self, sdk, upstream, body):
+        upstream.queue(Behaviour(status=200, body=body))
+        with pytest.raises(openai.InternalServerError) as excinfo:
+            create(sdk)
+        assert excinfo.value.status_code == 502
+        assert excinfo.value.body["code"] == "upstream_error"
+        _assert_failed_and_settled("upstream_error", 502)
+
     def test_upstream_context_error_is_400(self, sdk, upstream):
         upstream.queue(Behaviour(status=400))
         with pytest.raises(openai.BadRequestError) as excinfo:
@@ -440,6 +455,35 @@ class TestStreaming:
         assert "did not answer in time" in excinfo.value.message
         assert UsageRecord.objects.get().reason == "upstream_timeout"
 
+    @pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
+    def test_malformed_first_event_ends_with_error_event(
+        self, sdk, upstream, malformed
+    ):
+        upstream.queue(Behaviour(events=[malformed, finish_chunk()]))
+        stream = create(sdk, stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as excinfo:
+            for chunk in stream:
+                received.append(chunk)
+        assert received == []
+        assert excinfo.value.body["code"] == "upstream_error"
+        _assert_failed_and_settled("upstream_error", 502)
+
+    @pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
+    def test_malformed_later_event_ends_with_error_event(
+        self, sdk, upstream, malformed
+    ):
+        events = [text_chunk("hello"), malformed, finish_chunk()]
+        upstream.queue(Behaviour(events=events))
+        stream = create(sdk, stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as excinfo:
+            for chunk in stream:
+                received.append(chunk)
+        assert len(received) == 1
+        assert excinfo.value.body["code"] == "upstream_error"
+        _assert_failed_and_settled("upstream_error", 502)
+
     def test_refusal_before_stream_is_plain_http_error(self, sdk, upstream, tier):
         tier.allowed_models = "gpt-4o"
         tier.save()
@@ -498,6 +542,16 @@ class TestStreaming:
         day = QuotaCounter.objects.get(period="day")
         assert day.reserved == 0
         assert day.used == record.total_tokens
+
+
+def _assert_failed_and_settled(reason: str, http_status: int) -> None:
+    record = UsageRecord.objects.get()
+    day = QuotaCounter.objects.get(period="day")
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == reason
+    assert record.http_status == http_status
+    assert day.reserved == 0
+    assert day.used == record.total_tokens
 
 
 def _wait_for_settled_record(timeout: float = 10.0) -> UsageRecord:
