@@ -1,4 +1,4 @@
-"""Shape checks of upstream chat completions and stream chunks.
+"""Shape checks of upstream chat completions and chunks, and the output they carry.
 
 The proxy reads the choices of every reply, and the messages (or stream
 deltas) in them when it counts the completion's tokens itself. A reply in
@@ -6,6 +6,8 @@ which one of those fields has the wrong type is malformed. Usage is not
 checked here, because the proxy counts the tokens itself in place of any
 usage value that is not a token count.
 """
+
+from collections.abc import Iterator
 
 
 class MalformedReply(Exception):
@@ -77,6 +79,28 @@ def check_message(message: object, where: str) -> None:
             _check_call(call["function"], fields, f"{call_where}.function")
         if call.get("custom") is not None:
             _check_call(call["custom"], ("name", "input"), f"{call_where}.custom")
+
+
+def generated_texts(message: dict) -> Iterator[str]:
+    """Yield the text that the model generated in a checked message or delta.
+
+    That is the content, the refusal, and the name and arguments of each tool
+    call (function and custom tools) and of the legacy function_call.
+    """
+    yield from _strings(message, ("content", "refusal"))
+    for call in message.get("tool_calls") or []:
+        yield from _strings(call.get("function"), ("name", "arguments"))
+        yield from _strings(call.get("custom"), ("name", "input"))
+    yield from _strings(message.get("function_call"), ("name", "arguments"))
+
+
+def _strings(container: dict | None, names: tuple[str, ...]) -> Iterator[str]:
+    if not container:
+        return
+    for name in names:
+        value = container.get(name)
+        if value:
+            yield value
 
 
 def _check_call(call: object, fields: tuple[str, ...], where: str) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from proxy_site.errors import UpstreamError
 
 from .policy import PreparedChat, generate_text_messages, prepare_chat
-from .replies import MalformedReply, check_completion
+from .replies import MalformedReply, check_completion, generated_texts
 from .streaming import ChatStreamRelay, EventRenderer, sse
 from .tokens import count_text_tokens, reported_tokens
 from .upstream import post_json, upstream_errors
@@ -86,7 +86,11 @@ def complete_chat(
     if prompt_tokens is None:
         prompt_tokens = chat.prompt_tokens
     if completion_tokens is None:
-        texts = [_message_text(choice) for choice in reply.choices]
+        texts = [
+            text
+            for choice in reply.choices
+            for text in generated_texts(choice["message"])
+        ]
         completion_tokens = count_text_tokens(chat.model, "".join(texts))
     tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     return reply

@@ -16,7 +16,7 @@ from proxy_site.errors import ProxyError, UpstreamError, UpstreamTimeout, error_
 
 from .models import UsageRecord
 from .policy import PreparedChat
-from .replies import MalformedReply, check_chunk
+from .replies import MalformedReply, check_chunk, generated_texts
 from .tokens import count_text_tokens, reported_tokens
 from .usage import UsageTracker
 
@@ -162,9 +162,9 @@ class ChatStreamRelay:
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                self.completion_text.append(content)
+            delta = choice.get("delta")
+            if delta:
+                self.completion_text.extend(generated_texts(delta))
             if choice.get("finish_reason"):
                 self.finished = True
 

@@ -1,5 +1,7 @@
 """Chat completions and chunks for scripted upstream replies, malformed ones too."""
 
+import json
+
 import pytest
 
 
@@ -23,6 +25,72 @@ def finish_chunk(reason: str = "stop") -> dict:
 
 def _tool_call(**fields: object) -> dict:
     return chunk(delta={"tool_calls": [{"index": 0, **fields}]})
+
+
+def split_text(text: str, count: int = 3) -> list[str]:
+    """Split `text` into `count` consecutive pieces, as a stream would send it."""
+    size = -(-len(text) // count)
+    return [text[start : start + size] for start in range(0, len(text), size)]
+
+
+# About 300 tokens of model output that is not message content.
+LONG_TEXT = " ".join(["sunny"] * 300)
+LONG_ARGUMENTS = json.dumps({"forecast": LONG_TEXT})
+
+
+def _function(**fields: object) -> dict:
+    return {"id": "call_1", "type": "function", "function": fields}
+
+
+# Assistant messages whose output is all in tool calls or a refusal.
+GENERATED_MESSAGES = [
+    pytest.param(
+        {
+            "content": None,
+            "tool_calls": [_function(name="f", arguments=LONG_ARGUMENTS)],
+        },
+        id="tool-call",
+    ),
+    pytest.param(
+        {
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "custom",
+                    "custom": {"name": "f", "input": LONG_TEXT},
+                }
+            ],
+        },
+        id="custom-tool-call",
+    ),
+    pytest.param(
+        {"content": None, "function_call": {"name": "f", "arguments": LONG_ARGUMENTS}},
+        id="function-call",
+    ),
+    pytest.param({"content": None, "refusal": LONG_TEXT}, id="refusal"),
+]
+
+# The same kinds of output as stream deltas, the long text split over several.
+GENERATED_DELTAS = [
+    pytest.param(
+        [{"tool_calls": [{"index": 0, **_function(name="f", arguments="")}]}]
+        + [
+            {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+            for piece in split_text(LONG_ARGUMENTS)
+        ],
+        id="tool-call",
+    ),
+    pytest.param(
+        [{"function_call": {"name": "f", "arguments": ""}}]
+        + [
+            {"function_call": {"arguments": piece}}
+            for piece in split_text(LONG_ARGUMENTS)
+        ],
+        id="function-call",
+    ),
+    pytest.param([{"refusal": piece} for piece in split_text(LONG_TEXT)], id="refusal"),
+]
 
 
 # Chunks whose shape no OpenAI-compatible server sends. The proxy must end the

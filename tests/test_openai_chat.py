@@ -15,8 +15,12 @@ from keys.models import PromptRule
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
 from tests.replies import (
+    GENERATED_DELTAS,
+    GENERATED_MESSAGES,
     MALFORMED_CHUNKS,
     MALFORMED_COMPLETIONS,
+    chunk,
+    completion,
     finish_chunk,
     text_chunk,
 )
@@ -82,6 +86,15 @@ class TestCompletions:
         day = QuotaCounter.objects.get(period="day")
         assert day.reserved == 0
         assert day.used == completion.usage.total_tokens
+
+    @pytest.mark.parametrize("message", GENERATED_MESSAGES)
+    def test_output_without_content_is_counted(self, sdk, upstream, message):
+        upstream.queue(Behaviour(status=200, body=completion(**message)))
+        create(sdk)
+        record = UsageRecord.objects.get()
+        assert record.status == UsageRecord.Status.SUCCEEDED
+        assert record.completion_tokens >= 300
+        assert QuotaCounter.objects.get(period="day").used == record.total_tokens
 
     def test_rate_headers_use_openai_names(self, sdk, upstream):
         raw = sdk.chat.completions.with_raw_response.create(
@@ -431,6 +444,16 @@ class TestStreaming:
         record = UsageRecord.objects.get()
         assert record.completion_tokens > 0
         assert record.prompt_tokens > 0
+        assert QuotaCounter.objects.get(period="day").used == record.total_tokens
+
+    @pytest.mark.parametrize("deltas", GENERATED_DELTAS)
+    def test_stream_output_without_content_is_counted(self, sdk, upstream, deltas):
+        events = [chunk(delta=delta) for delta in deltas]
+        upstream.queue(Behaviour(events=[*events, finish_chunk("tool_calls")]))
+        list(create(sdk, stream=True))
+        record = UsageRecord.objects.get()
+        assert record.status == UsageRecord.Status.SUCCEEDED
+        assert record.completion_tokens >= 300
         assert QuotaCounter.objects.get(period="day").used == record.total_tokens
 
     def test_stream_failing_half_way_ends_with_error_event(self, sdk, upstream):
