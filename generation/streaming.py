@@ -65,6 +65,9 @@ class ChatStreamRelay:
         self.finish = finish
         self.usage: dict | None = None
         self.completion_text: list[str] = []
+        # Events accepted from the upstream. Error events and malformed
+        # events are not counted.
+        self.received_events = 0
         self.finished = False
         self.settled = False
         self._events = self._generate()
@@ -159,6 +162,7 @@ class ChatStreamRelay:
         return event
 
     def _observe(self, event: dict) -> None:
+        self.received_events += 1
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         for choice in event.get("choices") or []:
@@ -168,9 +172,8 @@ class ChatStreamRelay:
             if choice.get("finish_reason"):
                 self.finished = True
 
-    def _settle(self, status: str, http_status: int, reason: str) -> dict:
-        """Charge the upstream's usage, or the proxy's own count without it."""
-        self.settled = True
+    def _used_tokens(self) -> tuple[int, int]:
+        """Return the upstream's usage, or the proxy's own count without it."""
         usage = self.usage or {}
         prompt_tokens = reported_tokens(usage.get("prompt_tokens"))
         completion_tokens = reported_tokens(usage.get("completion_tokens"))
@@ -179,6 +182,19 @@ class ChatStreamRelay:
         if completion_tokens is None:
             text = "".join(self.completion_text)
             completion_tokens = count_text_tokens(self.chat.model, text)
+        return prompt_tokens, completion_tokens
+
+    def _settle(self, status: str, http_status: int, reason: str) -> dict:
+        """Charge what the stream used, and close the record.
+
+        A stream that ends before the upstream's first valid event is charged
+        nothing, like a call that fails before the stream starts.
+        """
+        self.settled = True
+        if self.received_events:
+            prompt_tokens, completion_tokens = self._used_tokens()
+        else:
+            prompt_tokens = completion_tokens = 0
         self.tracker.settle(
             status=status,
             http_status=http_status,

@@ -507,6 +507,60 @@ class TestStreaming:
         assert excinfo.value.body["code"] == "upstream_error"
         _assert_failed_and_settled("upstream_error", 502)
 
+    @pytest.mark.parametrize(
+        ("behaviour", "reason"),
+        [
+            pytest.param(
+                Behaviour(drop_after_chunks=0), "upstream_error", id="dropped"
+            ),
+            pytest.param(
+                Behaviour(stall_after_chunks=0, stall_seconds=3),
+                "upstream_timeout",
+                id="stalled",
+            ),
+            pytest.param(
+                Behaviour(status=200, body=b"<html>maintenance</html>"),
+                "upstream_error",
+                id="not-event-stream",
+            ),
+            pytest.param(
+                Behaviour(events=[{"error": {"message": INTERNAL_DETAIL}}]),
+                "upstream_error",
+                id="error-event",
+            ),
+            pytest.param(
+                Behaviour(events=[{"choices": 5}]),
+                "upstream_error",
+                id="malformed-event",
+            ),
+        ],
+    )
+    def test_stream_failing_before_first_event_is_free(
+        self, sdk, upstream, settings, behaviour, reason
+    ):
+        settings.PROXY_UPSTREAM_TIMEOUT = 0.5
+        upstream.queue(behaviour)
+        with pytest.raises(openai.APIError):
+            list(create(sdk, stream=True))
+        record = UsageRecord.objects.get()
+        day = QuotaCounter.objects.get(period="day")
+        assert record.status == UsageRecord.Status.FAILED
+        assert record.reason == reason
+        assert record.prompt_tokens == 0
+        assert record.completion_tokens == 0
+        assert day.reserved == 0
+        assert day.used == 0
+
+    def test_stream_failing_after_first_event_is_charged(self, sdk, upstream):
+        upstream.queue(Behaviour(drop_after_chunks=1))
+        with pytest.raises(openai.APIError):
+            list(create(sdk, stream=True))
+        record = UsageRecord.objects.get()
+        assert record.status == UsageRecord.Status.FAILED
+        assert record.prompt_tokens > 0
+        assert record.completion_tokens > 0
+        assert QuotaCounter.objects.get(period="day").used == record.total_tokens
+
     def test_refusal_before_stream_is_plain_http_error(self, sdk, upstream, tier):
         tier.allowed_models = "gpt-4o"
         tier.save()
