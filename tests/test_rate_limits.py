@@ -7,7 +7,7 @@ from django.core.exceptions import ValidationError
 from django.test import RequestFactory
 
 from generation.models import UsageRecord
-from keys.ratelimits import client_ip
+from keys.ratelimits import KEY_GROUP, client_ip, count_request
 from keys.validators import validate_rate_list
 from tests.factories import make_key, make_tier
 
@@ -94,7 +94,17 @@ def test_headers_show_tightest_window(api_client, upstream, clock):
 
 
 def test_every_window_applies(api_client, upstream, clock):
-    _, raw_key = make_key(tier=make_tier("two-windows", rate_limits="10/m, 3/h"))
+    api_key, raw_key = make_key(tier=make_tier("two-windows", rate_limits="10/m, 3/h"))
+    # django-ratelimit offsets each key's windows by an amount derived from the
+    # key, so the hour may end during the requests below unless one starts now.
+    [hour] = count_request(
+        RequestFactory().get("/"),
+        group=KEY_GROUP,
+        value=str(api_key.pk),
+        rates=["3/h"],
+        increment=False,
+    )
+    clock.shift(hour.reset)
     statuses = []
     for _ in range(4):
         statuses.append(post(api_client, raw_key).status_code)
