@@ -41,6 +41,8 @@ def _parse_reply(content: bytes) -> ChatReply:
     try:
         data = json.loads(content)
     except (ValueError, RecursionError):
+        # json raises RecursionError for nesting deeper than Python's
+        # recursion limit.
         logger.error("Upstream chat completion is not JSON, or is nested too deeply.")
         raise UpstreamError() from None
     try:

@@ -146,10 +146,13 @@ class ChatStreamRelay:
     def _parse(self, data: str) -> dict:
         try:
             event = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            # json raises RecursionError for nesting deeper than Python's
+            # recursion limit.
             logger.warning("Upstream sent an event that is not JSON.")
             raise UpstreamError() from exc
         if not isinstance(event, dict):
+            logger.warning("Upstream sent an event that is not a JSON object.")
             raise UpstreamError()
         if "error" in event:
             logger.warning("Upstream ended the stream with an error event.")

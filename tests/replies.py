@@ -111,6 +111,7 @@ MALFORMED_CHUNKS = [
     pytest.param(_tool_call(function={"arguments": {}}), id="arguments-object"),
     pytest.param(chunk(delta={"function_call": "lookup"}), id="function-call-string"),
     pytest.param(chunk(finish_reason=5), id="finish-reason-number"),
+    pytest.param("[" * 100_000, id="nested-too-deep"),
 ]
 
 
@@ -130,6 +131,7 @@ def _without_message() -> dict:
 # Chat completion bodies that the proxy must reject with upstream_error.
 MALFORMED_COMPLETIONS = [
     pytest.param([completion()], id="body-list"),
+    pytest.param(b"[" * 100_000, id="nested-too-deep"),
     pytest.param({"choices": [5]}, id="choice-number"),
     pytest.param(_without_message(), id="message-missing"),
     pytest.param({"choices": [{"index": 0, "message": "hi"}]}, id="message-string"),
