@@ -100,6 +100,15 @@ class ChatStreamRelay:
         except ProxyError as exc:
             self._settle(Status.FAILED, exc.status_code, exc.default_code)
             yield error_event(exc)
+        except Exception:
+            # A fault in the proxy itself: the response has started, so it
+            # cannot become a 500. The stream ends with an internal_error event,
+            # and the record and quota are settled like any other failure.
+            logger.exception("Stream relay failed.")
+            failure = ProxyError()
+            if not self.settled:
+                self._settle(Status.FAILED, failure.status_code, failure.default_code)
+            yield error_event(failure)
         finally:
             self.upstream.close()
             self.tracker.end_upstream_stream()

@@ -512,6 +512,41 @@ def test_stream_malformed_event_ends_with_error(
     assert record.http_status == 502
 
 
+def test_stream_fault_in_proxy_ends_with_error(
+    api_client, upstream, monkeypatch, caplog
+):
+    from generation.streaming import ChatStreamRelay
+
+    observe = ChatStreamRelay._observe
+    seen = []
+
+    def observe_then_fail(self, event):
+        seen.append(event)
+        if len(seen) == 2:
+            raise RuntimeError("fault in the relay")
+        observe(self, event)
+
+    monkeypatch.setattr(ChatStreamRelay, "_observe", observe_then_fail)
+    upstream.queue(
+        Behaviour(events=[text_chunk("hello"), text_chunk(" there"), finish_chunk()])
+    )
+    api_key, raw_key = make_key()
+
+    with caplog.at_level(logging.ERROR, logger="generation.streaming"):
+        response = post(api_client, {"prompt": "hi", "stream": True}, key=raw_key)
+        events = read_events(response)
+
+    assert len(events) == 2
+    assert json.loads(events[-1])["error"]["code"] == "internal_error"
+    assert "fault in the relay" not in "".join(events)
+    assert "Stream relay failed." in caplog.text
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.http_status == 500
+    assert record.reason == "internal_error"
+    assert record.completion_tokens > 0
+
+
 def test_stream_refusal_is_plain_error(api_client, upstream):
     upstream.queue(Behaviour(status=500))
     _, raw_key = make_key()
