@@ -1,6 +1,7 @@
 """Embeddings calls to the upstream, after the tier's rules, with usage recorded."""
 
 import logging
+import math
 
 from openai.types import CreateEmbeddingResponse
 
@@ -100,9 +101,30 @@ def create_embeddings(
     ):
         logger.error("Upstream embeddings reply is not a list of embeddings.")
         raise UpstreamError()
+    if not all(_is_embedding(item) for item in response.data):
+        logger.error("Upstream embeddings reply has an item that is not an embedding.")
+        raise UpstreamError()
     # The SDK builds the reply without validating it, so usage may be anything.
     reported = reported_tokens(getattr(response.usage, "prompt_tokens", None))
     if reported is not None:
         prompt_tokens = reported
     tracker.succeed(prompt_tokens=prompt_tokens, completion_tokens=0)
     return response
+
+
+def _is_embedding(item: object) -> bool:
+    """Tell whether an item of the upstream's reply is a usable embedding.
+
+    The openai client builds the reply without validating it. An embedding is
+    a list of finite numbers, or a base64 string when the client asked for
+    base64, and carries an integer index.
+    """
+    index = getattr(item, "index", None)
+    if isinstance(index, bool) or not isinstance(index, int):
+        return False
+    vector = getattr(item, "embedding", None)
+    if isinstance(vector, str):
+        return True
+    return isinstance(vector, list) and all(
+        type(value) in (float, int) and math.isfinite(value) for value in vector
+    )

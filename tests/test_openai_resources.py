@@ -300,7 +300,31 @@ class TestEmbeddingUsage:
         assert excinfo.value.status_code == 502
         assert excinfo.value.code == "upstream_error"
 
-    @pytest.mark.parametrize("body", [[1], "text", {"object": "list"}])
+    @pytest.mark.parametrize(
+        "body",
+        [
+            [1],
+            "text",
+            {"object": "list"},
+            {"object": "list", "data": [7], "model": "m"},
+            {"object": "list", "data": [{"index": 0}], "model": "m"},
+            {
+                "object": "list",
+                "data": [{"index": 0, "embedding": {"a": 1}}],
+                "model": "m",
+            },
+            {
+                "object": "list",
+                "data": [{"index": 0, "embedding": [0.1, "x"]}],
+                "model": "m",
+            },
+            {
+                "object": "list",
+                "data": [{"index": "0", "embedding": [0.1]}],
+                "model": "m",
+            },
+        ],
+    )
     def test_malformed_reply_is_502(self, sdk, upstream, body):
         upstream.queue(Behaviour(status=200, body=body))
         with pytest.raises(openai.InternalServerError) as excinfo:
