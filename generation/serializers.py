@@ -1,7 +1,6 @@
 """Request bodies of the text generation endpoint."""
 
 import math
-import threading
 
 from django.core.validators import RegexValidator
 from rest_framework import serializers
@@ -406,8 +405,9 @@ class EmbeddingSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     )
 
 
-# Serializers by class, one of each per thread; see validate_body.
-_per_thread = threading.local()
+# Serializers not in use, by class; see validate_body. list.pop() and
+# list.append() are atomic in CPython, so threads share the lists without a lock.
+_idle: dict[type[serializers.Serializer], list[serializers.Serializer]] = {}
 # Attributes in which DRF (3.x) caches one validation's results on a serializer.
 _RESULT_ATTRIBUTES = ("_validated_data", "_errors", "_data")
 
@@ -416,26 +416,33 @@ def validate_body(serializer_class: type[serializers.Serializer], data: object) 
     """Validate a request body with `serializer_class` and return the validated data.
 
     DRF deep-copies a serializer's declared fields for every instance, which
-    on the request path costs more than the validation itself. A thread
-    validates one body at a time, so it keeps one serializer of each class and
-    clears the previous body's results before each use. Raises
-    ValidationError like is_valid, and for a body that is not a JSON object.
+    on the request path costs more than the validation itself. So serializers
+    are reused: a validation takes an idle one of its class (or builds one),
+    clears the previous body's results, and gives it back when done. There
+    are only as many of each class as validations ever ran at once, usually
+    a few, where one per thread would keep hundreds in a worker of many
+    threads. Raises ValidationError like is_valid, and for a body that is not
+    a JSON object.
     """
     if not isinstance(data, dict):
         raise serializers.ValidationError(
             f"The request body must be a JSON object, but it is {_json_kind(data)}."
         )
-    kept = _per_thread.__dict__.setdefault("serializers", {})
-    serializer = kept.get(serializer_class)
-    if serializer is None:
+    idle = _idle.setdefault(serializer_class, [])
+    try:
+        serializer = idle.pop()
+    except IndexError:
         serializer = serializer_class(data=data)
-        kept[serializer_class] = serializer
     else:
         serializer.initial_data = data
         for name in _RESULT_ATTRIBUTES:
             serializer.__dict__.pop(name, None)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+    try:
+        serializer.is_valid(raise_exception=True)
+        # A new dict on every validation, so the next user cannot change it.
+        return serializer.validated_data
+    finally:
+        idle.append(serializer)
 
 
 def _json_kind(value: object) -> str:

@@ -12,7 +12,6 @@ import hmac
 import re
 import secrets
 import string
-import threading
 
 from django.conf import settings
 from django.db import IntegrityError, connections, router, transaction
@@ -218,12 +217,13 @@ class _KeyLookup:
     """The key-by-prefix query with its tier, compiled once and run many times.
 
     Compiling a query costs the ORM several times more CPU than running it,
-    and this one runs on every request. So the SQL is compiled once, and each
-    run passes the compiled rows through the ORM's own converters and model
-    loading, as iterating the queryset would (django.db.models.query's
-    ModelIterable; the tests compare the result with the ORM's). A compiler
-    belongs to one thread's connection, hence one lookup per thread and
-    database.
+    and this one runs on every request. So the SQL is compiled once. Each run
+    passes the rows through the ORM's own converters and model loading, as
+    ModelIterable in django.db.models.query does, and the tests compare the
+    result with the ORM's. One lookup
+    serves all threads: the query runs on the calling thread's connection,
+    and the compiler's own connection is only read for the converters'
+    settings (such as the time zone), never used to run a query.
     """
 
     _PLACEHOLDER = "prefix placeholder"
@@ -263,15 +263,16 @@ class _KeyLookup:
         return None
 
 
-_lookups = threading.local()
+# Lookups by database alias. When two threads build one at the same time, the
+# second replaces the first, which does no harm.
+_lookups: dict[str, _KeyLookup] = {}
 
 
 def _key_lookup() -> _KeyLookup:
     using = router.db_for_read(APIKey)
-    by_database = _lookups.__dict__.setdefault("by_database", {})
-    lookup = by_database.get(using)
+    lookup = _lookups.get(using)
     if lookup is None:
-        lookup = by_database[using] = _KeyLookup(using)
+        lookup = _lookups[using] = _KeyLookup(using)
     return lookup
 
 

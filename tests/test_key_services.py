@@ -12,6 +12,7 @@ from keys.services import (
     MAX_EXPIRY_DAYS,
     MAX_GRACE,
     KeyStateError,
+    _lookups,
     expire_unused_keys,
     extend_expiry,
     find_usable_key,
@@ -166,6 +167,7 @@ def test_lookup_works_in_several_threads():
         thread.start()
         thread.join()
     assert found == {index: api_key.pk for index, (api_key, _) in enumerate(keys)}
+    assert len(_lookups) == 1
 
 
 def test_lookup_adds_one_update_to_touch_last_use(django_assert_num_queries):

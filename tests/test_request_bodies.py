@@ -1,4 +1,4 @@
-"""validate_body: one serializer per thread, with no state between bodies."""
+"""validate_body: serializers reused across bodies and threads, keeping no state."""
 
 import threading
 
@@ -8,6 +8,7 @@ from rest_framework.exceptions import ValidationError
 from generation.serializers import (
     ChatCompletionSerializer,
     EmbeddingSerializer,
+    _idle,
     validate_body,
 )
 
@@ -74,3 +75,28 @@ def test_classes_keep_separate_serializers():
     assert chat["n"] == 2
     assert embedding["input"] == "hello"
     assert "n" not in again
+
+
+def test_result_survives_reuse_by_another_thread():
+    first = validate_body(ChatCompletionSerializer, {"messages": HELLO, "n": 2})
+
+    def validate_other() -> None:
+        validate_body(ChatCompletionSerializer, {"messages": HELLO, "n": 5})
+
+    thread = threading.Thread(target=validate_other)
+    thread.start()
+    thread.join(timeout=30)
+
+    assert first["n"] == 2
+
+
+def test_serializers_are_few_after_many_threads():
+    def validate(index: int) -> None:
+        validate_body(ChatCompletionSerializer, {"messages": HELLO, "n": 1})
+
+    for index in range(20):
+        thread = threading.Thread(target=validate, args=(index,))
+        thread.start()
+        thread.join(timeout=30)
+
+    assert len(_idle[ChatCompletionSerializer]) == 1
