@@ -87,7 +87,12 @@ def _monitor_redis(commands: list[str], stop: threading.Event) -> None:
             except (redis.RedisError, StopIteration):
                 return
             if event.get("db") == database and "MONITOR" not in event["command"]:
-                commands.append(event["command"].split(" ")[0].upper())
+                name = event["command"].split(" ")[0].upper()
+                # MONITOR also lists the commands a Lua script runs; they are
+                # part of the script's round trip, so they are marked.
+                if event.get("client_type") == "lua":
+                    name = f"({name} in the script)"
+                commands.append(name)
 
 
 def measure(raw_key: str, model: str) -> dict:

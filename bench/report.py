@@ -61,6 +61,11 @@ def _machine(data: dict) -> list[str]:
     ]
 
 
+def _round_trips(commands: list[str]) -> int:
+    """Count the commands sent by the client, not those run inside a script."""
+    return sum(1 for command in commands if not command.startswith("("))
+
+
 def _queries(text: str) -> list[str]:
     try:
         measured = json.loads(text)
@@ -72,7 +77,8 @@ def _queries(text: str) -> list[str]:
         f"One chat completion (status {measured['status']}, "
         f"{measured['request_ms']} ms in-process, warm) ran {len(statements)} SQL "
         f"statements taking {total:.1f} ms in all, {_transactions(measured)}, and "
-        f"{len(measured['redis'])} Redis commands ({', '.join(measured['redis'])}).",
+        f"{_round_trips(measured['redis'])} Redis round trips "
+        f"({', '.join(measured['redis'])}).",
         "",
         "| # | ms | statement (values replaced by ?) |",
         "|---|---|---|",
