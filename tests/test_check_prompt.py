@@ -33,6 +33,18 @@ def test_allowed_prompt_reports_cost_and_limits(upstream):
     assert upstream.requests == []
 
 
+def test_quiet_output_is_the_verdict_only(upstream):
+    rule = PromptRule.objects.create(name="no-secrets", pattern="secret", message="No.")
+    make_tier("quiet").rules.add(rule)
+    make_tier("open")
+
+    assert run("--tier", "open", "-v", "0", "hello") == "ALLOWED\n"
+    refused = run_refused("--tier", "quiet", "-v", "0", "a secret")
+    assert refused == "REFUSED (prompt_rejected)\n"
+    invalid = run_refused("--tier", "open", "-v", "0", "   ")
+    assert invalid == "REFUSED (invalid_request)\n"
+
+
 def test_blocked_prompt_names_rule(upstream):
     rule = PromptRule.objects.create(
         name="no-secrets", pattern="secret", message="Keep secrets out."

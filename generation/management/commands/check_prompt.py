@@ -48,20 +48,25 @@ class Command(BaseCommand):
         if not serializer.is_valid():
             field, errors = next(iter(serializer.errors.items()))
             self.stdout.write(self.style.ERROR("REFUSED (invalid_request)"))
-            self.stdout.write(f"Client would see: {field}: {errors[0]}")
+            if options["verbosity"] >= 1:
+                self.stdout.write(f"Client would see: {field}: {errors[0]}")
             raise CommandError("The prompt would be refused.", returncode=1)
         decision = evaluate_prompt(
             tier=tier_obj, **trial_arguments(serializer.validated_data)
         )
-        self._write(decision)
+        self._write(decision, details=options["verbosity"] >= 1)
         if not decision.allowed:
             raise CommandError("The prompt would be refused.", returncode=1)
 
-    def _write(self, decision: Decision) -> None:
+    def _write(self, decision: Decision, *, details: bool) -> None:
+        """Write the verdict line, then, with `details`, what decided it."""
         if decision.allowed:
             self.stdout.write(self.style.SUCCESS("ALLOWED"))
         else:
             self.stdout.write(self.style.ERROR(f"REFUSED ({decision.code})"))
+        if not details:
+            return
+        if not decision.allowed:
             self.stdout.write(f"Client would see: {decision.message}")
         self.stdout.write(f"Decided by: {decision.reason}")
         if decision.rule is not None:
