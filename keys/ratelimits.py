@@ -8,6 +8,7 @@ cache each process counts alone (a system check warns about that).
 import functools
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -24,6 +25,15 @@ logger = logging.getLogger(__name__)
 
 KEY_GROUP = "proxy.api-key"
 FAILED_AUTH_GROUP = "proxy.failed-auth"
+
+# django-ratelimit puts the whole rate in its cache key, so a changed count
+# would start a new counter at zero. Each counter is requested with this
+# count, which no window's total reaches, and the real limit is compared
+# here. A changed count thus keeps the requests already counted in the
+# window, and only a changed period starts a new counter.
+_COUNTER_COUNT = 1_000_000_000
+_RATE = re.compile(r"(?P<count>\d+)/(?P<multiplier>\d*)(?P<unit>[smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -55,12 +65,13 @@ def count_request(
     """
     usages = []
     for rate in rates:
+        limit, period = split_rate(rate)
         try:
             usage = get_usage(
                 request,
                 group=group,
                 key=lambda _group, _request: value,
-                rate=rate,
+                rate=f"{_COUNTER_COUNT}/{period}s",
                 increment=increment,
             )
         # Each cache backend raises its own errors (redis.ConnectionError,
@@ -75,7 +86,7 @@ def count_request(
         usages.append(
             WindowUsage(
                 rate=rate,
-                limit=usage["limit"],
+                limit=limit,
                 count=usage["count"],
                 # The window's last second is `time_left` seconds away, and
                 # it still counts: a new window starts one second later.
@@ -83,6 +94,27 @@ def count_request(
             )
         )
     return usages
+
+
+def split_rate(rate: str) -> tuple[int, int]:
+    """Split a rate such as "60/m" or "5/10s" into its count and period in seconds.
+
+    Raises ValueError when the rate is not in django-ratelimit's notation or
+    its count or period is 0.
+    """
+    match = _RATE.fullmatch(rate)
+    if match is None:
+        raise ValueError(
+            f"{rate!r} is not a valid rate. Use a count, a slash and a period "
+            "such as 60/m, 1000/d or 5/10s."
+        )
+    count = int(match["count"])
+    period = int(match["multiplier"] or 1) * _UNIT_SECONDS[match["unit"]]
+    if count < 1 or period < 1:
+        raise ValueError(
+            f"{rate!r} is not a valid rate: its count and period must be at least 1."
+        )
+    return count, period
 
 
 def _cache_failed(group: str, exc: Exception | None) -> list[WindowUsage]:

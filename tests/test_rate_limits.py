@@ -112,6 +112,44 @@ def test_every_window_applies(api_client, upstream, clock):
     assert statuses == [200, 200, 200, 429]
 
 
+def test_lowered_limit_keeps_requests_counted(api_client, upstream, clock):
+    tier = make_tier("ten", rate_limits="10/m")
+    _, raw_key = make_key(tier=tier)
+    for _ in range(8):
+        assert post(api_client, raw_key).status_code == 200
+    tier.rate_limits = "9/m"
+    tier.save()
+
+    ninth = post(api_client, raw_key)
+    assert ninth.status_code == 200
+    assert ninth["X-RateLimit-Limit"] == "9"
+    assert ninth["X-RateLimit-Remaining"] == "0"
+    refused = post(api_client, raw_key)
+    assert refused.status_code == 429
+    assert refused["X-RateLimit-Limit"] == "9"
+
+
+def test_lowered_key_limit_keeps_requests_counted(api_client, upstream, clock):
+    api_key, raw_key = make_key(tier=make_tier("ten", rate_limits="10/m"))
+    for _ in range(3):
+        post(api_client, raw_key)
+    api_key.rate_limits = "3/m"
+    api_key.save()
+    assert post(api_client, raw_key).status_code == 429
+
+
+def test_raised_limit_keeps_requests_counted(api_client, upstream, clock):
+    tier = make_tier("two", rate_limits="2/m")
+    _, raw_key = make_key(tier=tier)
+    for _ in range(2):
+        post(api_client, raw_key)
+    tier.rate_limits = "5/m"
+    tier.save()
+    response = post(api_client, raw_key)
+    assert response.status_code == 200
+    assert response["X-RateLimit-Remaining"] == "2"
+
+
 def test_key_rates_override_tier_rates(api_client, upstream, clock):
     tier = make_tier("generous", rate_limits="100/m")
     api_key, raw_key = make_key(tier=tier)
@@ -228,6 +266,15 @@ class TestFailedAttempts:
         post(api_client, "sk-AAAAAAAA-" + "B" * 40)
         clock.shift(61)
         assert post(api_client, raw_key).status_code == 200
+
+    def test_lowered_rate_keeps_attempts_counted(self, api_client, settings, clock):
+        settings.PROXY_FAILED_AUTH_RATE = "5/m"
+        wrong = "sk-AAAAAAAA-" + "B" * 40
+        for _ in range(2):
+            post(api_client, wrong)
+        settings.PROXY_FAILED_AUTH_RATE = "3/m"
+        statuses = [post(api_client, wrong).status_code for _ in range(2)]
+        assert statuses == [403, 429]
 
     def test_forwarded_for_does_not_change_address(self, api_client, settings, clock):
         settings.PROXY_FAILED_AUTH_RATE = "1/m"
