@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 
 from keys.authentication import APIKeyAuthentication, HasAPIKey
 from keys.ratelimits import enforce_key_rates, rate_limit_headers
-from proxy_site.errors import LengthRequired, error_body
+from proxy_site.errors import LengthRequired, RateLimitExceeded, error_body
 
 from .parsers import LimitedJSONParser
 from .schema import GENERATE_TEXT_RESPONSE, error_responses
@@ -71,7 +71,13 @@ class KeyedAPIView(APIView):
         )
         self.tracker = tracker
         with tracker:
-            usages = enforce_key_rates(request._request, api_key)
+            try:
+                usages = enforce_key_rates(request._request, api_key)
+            except RateLimitExceeded as exc:
+                # The refusal carries the windows' headers too, and the /v1/
+                # views repeat them under OpenAI's names.
+                self.rate_limit_headers = dict(exc.headers)
+                raise
         self.rate_limit_headers = rate_limit_headers(usages)
         return tracker
 

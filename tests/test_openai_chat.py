@@ -199,6 +199,18 @@ class TestErrors:
             create(sdk)
         assert excinfo.value.code == "rate_limit_exceeded"
 
+    def test_rate_refusal_has_openai_headers(self, sdk, upstream, tier):
+        tier.rate_limits = "1/m"
+        tier.save()
+        create(sdk)
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            create(sdk)
+        headers = excinfo.value.response.headers
+        assert headers["x-ratelimit-limit-requests"] == "1"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert headers["x-ratelimit-reset-requests"] == headers["Retry-After"] + "s"
+        assert headers["x-ratelimit-limit-tokens"] == "100000"
+
     def test_bad_input_raises_bad_request(self, sdk, upstream):
         with pytest.raises(openai.BadRequestError) as excinfo:
             create(sdk, messages=[{"role": "wizard", "content": "hi"}])

@@ -466,6 +466,10 @@ class TestAccess:
         with pytest.raises(openai.RateLimitError) as excinfo:
             ROUTES[route](sdk)
         assert excinfo.value.code == "rate_limit_exceeded"
+        headers = excinfo.value.response.headers
+        assert headers["x-ratelimit-limit-requests"] == "1"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert headers["x-ratelimit-reset-requests"].endswith("s")
 
     def test_rate_headers_are_sent(self, sdk, upstream):
         raw = sdk.models.with_raw_response.list()
