@@ -2,10 +2,7 @@
 
 from django.conf import settings
 from django.core import checks
-from django.core.exceptions import ValidationError
 from django.db import DatabaseError
-
-from keys.validators import validate_rate
 
 PER_PROCESS_CACHES = {
     "django.core.cache.backends.locmem.LocMemCache",
@@ -52,17 +49,6 @@ def check_limit_cache(app_configs, **kwargs) -> list[checks.CheckMessage]:
                 id="generation.W003",
             )
         )
-    if settings.PROXY_FAILED_AUTH_RATE:
-        try:
-            validate_rate(settings.PROXY_FAILED_AUTH_RATE)
-        except ValidationError as exc:
-            messages.append(
-                checks.Error(
-                    f"PROXY_FAILED_AUTH_RATE: {exc.messages[0]}",
-                    hint="Use a rate such as 20/m, or leave it empty for no limit.",
-                    id="generation.E001",
-                )
-            )
     return messages
 
 

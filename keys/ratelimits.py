@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 from django_ratelimit.core import get_usage
 
@@ -62,6 +63,7 @@ def count_request(
 
     When the cache fails, the PROXY_LIMITS_FAIL_OPEN setting decides: open
     returns no usage (no limit applies), closed raises LimitsUnavailable.
+    An invalid rate raises ValueError whatever that setting is.
     """
     usages = []
     for rate in rates:
@@ -74,8 +76,12 @@ def count_request(
                 rate=f"{_COUNTER_COUNT}/{period}s",
                 increment=increment,
             )
+        # django-ratelimit raises this for a bad group, key or rate, which
+        # is a programming error and not a cache failure.
+        except ImproperlyConfigured:
+            raise
         # Each cache backend raises its own errors (redis.ConnectionError,
-        # pymemcache errors, OSError), so any failure here means "cache down".
+        # pymemcache errors, OSError), so any other failure means "cache down".
         except Exception as exc:  # noqa: BLE001
             return _cache_failed(group, exc)
         if usage is None:

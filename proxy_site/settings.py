@@ -4,7 +4,9 @@ import ipaddress
 from pathlib import Path
 
 import environ
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+
+from keys.validators import validate_rate
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -170,6 +172,14 @@ PROXY_LIMITS_FAIL_OPEN = env.bool("PROXY_LIMITS_FAIL_OPEN", default=False)
 # Requests with a wrong API key allowed per client address, in
 # django-ratelimit notation. Empty: no limit.
 PROXY_FAILED_AUTH_RATE = env.str("PROXY_FAILED_AUTH_RATE", default="20/m")
+if PROXY_FAILED_AUTH_RATE:
+    try:
+        validate_rate(PROXY_FAILED_AUTH_RATE)
+    except ValidationError as _exc:
+        raise ImproperlyConfigured(
+            f"PROXY_FAILED_AUTH_RATE has an invalid value: {_exc.messages[0]} "
+            "Leave it empty for no limit."
+        ) from _exc
 # Addresses or networks of reverse proxies whose X-Forwarded-For is believed.
 # Empty: the client address is always the socket's peer.
 PROXY_TRUSTED_PROXIES = env.list("PROXY_TRUSTED_PROXIES", default=[])

@@ -7,7 +7,7 @@ from django.core.exceptions import ValidationError
 from django.test import RequestFactory
 
 from generation.models import UsageRecord
-from keys.ratelimits import KEY_GROUP, client_ip, count_request
+from keys.ratelimits import KEY_GROUP, client_ip, count_request, split_rate
 from keys.validators import validate_rate_list
 from tests.factories import make_key, make_tier
 
@@ -239,6 +239,38 @@ class TestCacheDown:
         settings.PROXY_LIMITS_FAIL_OPEN = True
         response = post(api_client, raw_key)
         assert response.status_code == 200
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["closed", "open"])
+def test_invalid_rate_is_not_cache_failure(settings, caplog, fail_open):
+    settings.PROXY_LIMITS_FAIL_OPEN = fail_open
+    with pytest.raises(ValueError, match="'abc' is not a valid rate"):
+        count_request(
+            RequestFactory().get("/"),
+            group=KEY_GROUP,
+            value="1",
+            rates=["abc"],
+            increment=True,
+        )
+    assert "cache failed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [
+        pytest.param("60/m", (60, 60), id="per-minute"),
+        pytest.param("5/10s", (5, 10), id="multiplier"),
+        pytest.param("1000/d", (1000, 86400), id="per-day"),
+    ],
+)
+def test_split_rate_returns_count_and_period(rate, expected):
+    assert split_rate(rate) == expected
+
+
+@pytest.mark.parametrize("rate", ["abc", "60", "0/m", "5/0m", "60/m "])
+def test_split_rate_rejects_invalid_rate(rate):
+    with pytest.raises(ValueError, match="not a valid rate"):
+        split_rate(rate)
 
 
 class TestFailedAttempts:

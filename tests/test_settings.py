@@ -49,6 +49,11 @@ def run_check(**env) -> subprocess.CompletedProcess:
             "PROXY_TRUSTED_PROXIES contains 'not-a-network'",
             id="bad-trusted-proxy",
         ),
+        pytest.param(
+            {"PROXY_FAILED_AUTH_RATE": "abc"},
+            "PROXY_FAILED_AUTH_RATE has an invalid value: 'abc' is not a valid rate",
+            id="bad-failed-auth-rate",
+        ),
     ],
 )
 def test_bad_setting_stops_start_with_its_name(env, message):
