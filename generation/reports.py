@@ -84,10 +84,11 @@ def records_between(
     `tier` selects the tier a record was made under, which is the key's tier at
     the time of the request.
     """
-    records = UsageRecord.objects.filter(
-        created_at__gte=start_of_day(since),
-        created_at__lt=start_of_day(until + datetime.timedelta(days=1)),
-    )
+    records = UsageRecord.objects.filter(created_at__gte=start_of_day(since))
+    # date.max has no next day to end the range at, and no record is later.
+    if until < datetime.date.max:
+        end = start_of_day(until + datetime.timedelta(days=1))
+        records = records.filter(created_at__lt=end)
     if api_key is not None:
         records = records.filter(api_key=api_key)
     if tier is not None:

@@ -160,6 +160,17 @@ def test_range_includes_both_days(may_usage):
     assert rows[0]["prompt_tokens"] == 3
 
 
+def test_range_may_end_on_last_date(may_usage):
+    report = run_json("--since", "2024-05-31", "--until", "9999-12-31")
+    assert report["until"] == "9999-12-31"
+    assert [row["prompt_tokens"] for row in report["rows"]] == [3, 1000]
+
+
+def test_range_may_cover_every_date(may_usage):
+    report = run_json("--since", "0001-01-01", "--until", "9999-12-31")
+    assert len(report["rows"]) == 7
+
+
 @pytest.mark.parametrize(
     ("option", "value", "names"),
     [
