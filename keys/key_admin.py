@@ -170,6 +170,11 @@ class APIKeyAdmin(admin.ModelAdmin):
             ]
         return ["prefix", "usage", usage_chart, *self._history_fields]
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Deleting a key would cascade to its usage records and quota counters,
+        # losing its billing history. Revoking is the way to retire a key.
+        return False
+
     @admin.display(description="usage")
     def usage(self, api_key: APIKey) -> str:
         lines = []

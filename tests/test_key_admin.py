@@ -6,6 +6,7 @@ import pytest
 import time_machine
 from django.contrib.auth.models import User
 
+from generation.models import UsageRecord
 from keys.key_admin import APIKeyAdmin
 from keys.models import APIKey
 from keys.services import find_usable_key, revoke_key, rotate_key
@@ -265,3 +266,26 @@ def test_change_form_keeps_rotation_made_while_open(admin_client, monkeypatch):
     assert response.status_code == 302
     assert find_usable_key(rotated["key"]).name == "after"
     assert find_usable_key(old_key) is None
+
+
+def test_admin_cannot_delete_key(admin_client):
+    api_key, _ = make_key(name="kept")
+    UsageRecord.objects.create(
+        api_key=api_key, tier=api_key.tier, endpoint="/generate-text/"
+    )
+    change_url = f"{LIST_URL}{api_key.pk}/change/"
+    delete_url = f"{LIST_URL}{api_key.pk}/delete/"
+
+    change_page = admin_client.get(change_url).content.decode()
+    assert delete_url not in change_page
+    list_page = admin_client.get(LIST_URL).content.decode()
+    assert "delete_selected" not in list_page
+    assert admin_client.get(delete_url).status_code == 403
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 403
+    admin_client.post(
+        LIST_URL,
+        {"action": "delete_selected", "_selected_action": [api_key.pk], "post": "yes"},
+    )
+
+    assert APIKey.objects.filter(pk=api_key.pk).exists()
+    assert UsageRecord.objects.filter(api_key=api_key).count() == 1

@@ -3,7 +3,7 @@ import json
 import pytest
 from django.contrib.auth.models import User
 
-from keys.models import PromptRule
+from keys.models import PromptRule, Tier
 from tests.factories import make_key, make_tier
 
 pytestmark = pytest.mark.django_db
@@ -152,3 +152,15 @@ def test_key_and_tier_pages_show_usage_charts(admin_client, api_client, upstream
     tier_page = admin_client.get(f"/admin/keys/tier/{api_key.tier.pk}/change/")
     assert key_page.content.decode().count('class="usage-chart"') == 2
     assert tier_page.content.decode().count('class="usage-chart"') == 2
+
+
+def test_tier_with_keys_is_not_deleted(admin_client):
+    tier = make_tier("in-use")
+    make_key(tier=tier)
+    delete_url = f"/admin/keys/tier/{tier.pk}/delete/"
+
+    page = admin_client.get(delete_url).content.decode()
+    assert "<title>Cannot delete tier" in page
+    admin_client.post(delete_url, {"post": "yes"})
+
+    assert Tier.objects.filter(pk=tier.pk).exists()
