@@ -12,7 +12,6 @@ from .policy import (
     check_length,
     check_model,
     check_prompt_rules,
-    resolve_model,
 )
 from .tokens import count_text_tokens, decode_tokens, reported_tokens
 from .upstream import get_client, upstream_errors
@@ -53,7 +52,7 @@ def create_embeddings(
     *,
     tracker: UsageTracker,
     input: EmbeddingInput,
-    model: str | None = None,
+    model: str,
     options: dict,
 ) -> CreateEmbeddingResponse:
     """Apply the tier's rules, reserve quota, call the embeddings API and settle.
@@ -65,9 +64,8 @@ def create_embeddings(
     request; the tracker records the outcome either way.
     """
     tier = tracker.api_key.tier
-    model_name = resolve_model(tier=tier, requested=model)
-    check_model(tier=tier, model=model_name)
-    texts = input_texts(input, model_name)
+    check_model(tier=tier, model=model)
+    texts = input_texts(input, model)
     check_length(tier=tier, texts=texts, param="input")
     check_prompt_rules(tier=tier, texts=texts)
 
@@ -77,12 +75,12 @@ def create_embeddings(
         else [item for item in input if isinstance(item, str)]
     )
     prompt_tokens = count_token_ids(input) + sum(
-        count_text_tokens(model_name, text) for text in string_texts
+        count_text_tokens(model, text) for text in string_texts
     )
     # An embedding has no completion, so the worst case is the input's tokens.
     tracker.reserve(
         PreparedChat(
-            model=model_name,
+            model=model,
             messages=[],
             max_tokens=0,
             known_prompt_tokens=prompt_tokens,
@@ -91,9 +89,7 @@ def create_embeddings(
     )
     with upstream_errors():
         response = tracker.call_upstream(
-            lambda: get_client().embeddings.create(
-                model=model_name, input=input, **options
-            )
+            lambda: get_client().embeddings.create(model=model, input=input, **options)
         )
 
     if not isinstance(response, CreateEmbeddingResponse) or not isinstance(

@@ -178,7 +178,7 @@ class EmbeddingsView(OpenAIView):
             response = create_embeddings(
                 tracker=tracker,
                 input=data["input"],
-                model=data.get("model"),
+                model=data["model"],
                 options=options,
             )
         # A base64 embedding is a string where the response type declares a

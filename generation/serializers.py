@@ -394,7 +394,13 @@ class EmbeddingInputField(serializers.JSONField):
 class EmbeddingSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """The body of POST /v1/embeddings, as OpenAI's API defines it."""
 
-    model = ModelNameField(required=False)
+    # Required, as in OpenAI's API: a tier's default model is a chat model.
+    model = ModelNameField(
+        error_messages={
+            "required": "The model field is required for embeddings. Name an "
+            "embeddings model, such as text-embedding-3-small."
+        }
+    )
     input = EmbeddingInputField()
     encoding_format = serializers.ChoiceField(
         choices=["float", "base64"], required=False, allow_null=True

@@ -245,16 +245,17 @@ class TestEmbeddings:
         assert body["data"][0]["embedding"] == vector("alpha")
         assert upstream.requests[0].json["encoding_format"] == "float"
 
-    def test_default_model_is_used(self, live_server, upstream, raw_key, settings):
-        status, _ = post_json(live_server, "/v1/embeddings", {"input": "a"}, raw_key)
-        assert status == 200
-        assert upstream.requests[0].json["model"] == settings.PROXY_DEFAULT_MODEL
-
-    def test_tier_default_model_is_used(self, live_server, upstream, raw_key, tier):
+    def test_missing_model_is_rejected(self, live_server, upstream, raw_key, tier):
+        # Even a tier whose default model is an embeddings model does not
+        # stand in for it, as OpenAI's API requires the field.
         tier.default_model = EMBEDDING_MODEL
         tier.save()
-        post_json(live_server, "/v1/embeddings", {"input": "a"}, raw_key)
-        assert upstream.requests[0].json["model"] == EMBEDDING_MODEL
+        status, body = post_json(live_server, "/v1/embeddings", {"input": "a"}, raw_key)
+        assert status == 400
+        assert body["error"]["code"] == "invalid_request"
+        assert body["error"]["param"] == "model"
+        assert "model field is required for embeddings" in body["error"]["message"]
+        assert upstream.requests == []
 
 
 class TestEmbeddingUsage:

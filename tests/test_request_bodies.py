@@ -69,7 +69,9 @@ def test_threads_validate_independently():
 
 def test_classes_keep_separate_serializers():
     chat = validate_body(ChatCompletionSerializer, {"messages": HELLO, "n": 2})
-    embedding = validate_body(EmbeddingSerializer, {"input": "hello"})
+    embedding = validate_body(
+        EmbeddingSerializer, {"model": "text-embedding-3-small", "input": "hello"}
+    )
     again = validate_body(ChatCompletionSerializer, {"messages": HELLO})
 
     assert chat["n"] == 2
