@@ -394,7 +394,8 @@ class EmbeddingInputField(serializers.JSONField):
 class EmbeddingSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """The body of POST /v1/embeddings, as OpenAI's API defines it."""
 
-    # Required, as in OpenAI's API: a tier's default model is a chat model.
+    # Required, as in OpenAI's API, because a tier's default model is usually a
+    # chat model.
     model = ModelNameField(
         error_messages={
             "required": "The model field is required for embeddings. Name an "
