@@ -7,7 +7,12 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
-from .validators import split_list, validate_rate_list
+from .validators import (
+    split_list,
+    validate_model_list,
+    validate_no_control_characters,
+    validate_rate_list,
+)
 
 
 class PromptRule(models.Model):
@@ -143,6 +148,10 @@ class Tier(models.Model):
         return split_list(self.allowed_models)
 
     def clean(self) -> None:
+        try:
+            validate_model_list(self.allowed_models)
+        except ValidationError as exc:
+            raise ValidationError({"allowed_models": exc.messages}) from exc
         allowed = self.allowed_model_list
         if allowed and self.default_model and self.default_model not in allowed:
             raise ValidationError(
@@ -301,6 +310,10 @@ class APIKey(models.Model):
         return self.tier.tokens_per_month
 
     def clean(self) -> None:
+        try:
+            validate_no_control_characters(self.name)
+        except ValidationError as exc:
+            raise ValidationError({"name": exc.messages}) from exc
         if self.expires_at is None or self.expires_at > timezone.now():
             return
         stored = None
@@ -314,6 +327,9 @@ class APIKey(models.Model):
             )
 
     def save(self, *args, **kwargs) -> None:
+        # Checked on every save, not only in forms, so that no code path can
+        # store a name that splits list_keys rows.
+        validate_no_control_characters(self.name)
         validate_rate_list(self.rate_limits)
         # Revocation is one-way: a key that was revoked in the database stays so.
         if self.pk is not None and self.revoked_at is None:

@@ -1,6 +1,7 @@
 """Validators for tier and key settings."""
 
 import re
+import unicodedata
 
 from django.core.exceptions import ValidationError
 
@@ -17,6 +18,31 @@ def split_list(value: str) -> list[str]:
     """Split a comma- or newline-separated setting into its non-empty items."""
     items = value.replace("\n", ",").split(",")
     return [item.strip() for item in items if item.strip()]
+
+
+def validate_no_control_characters(value: str) -> None:
+    """Reject control characters and line or paragraph separators.
+
+    A name containing them would split or garble the rows of table output
+    such as list_keys.
+    """
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            raise ValidationError(
+                f"{value!r} contains the control character {char!r}. Use "
+                "printable characters only.",
+                code="control_character",
+            )
+
+
+def validate_model_list(value: str) -> None:
+    """Reject a model list that is not empty but names no model, such as ' , ,'."""
+    if value.strip() and not split_list(value):
+        raise ValidationError(
+            f"{value!r} names no model. Give model names separated by commas, "
+            "or leave the field empty to allow any model.",
+            code="empty_model_list",
+        )
 
 
 def validate_rate(rate: str) -> None:

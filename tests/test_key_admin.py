@@ -289,3 +289,14 @@ def test_admin_cannot_delete_key(admin_client):
 
     assert APIKey.objects.filter(pk=api_key.pk).exists()
     assert UsageRecord.objects.filter(api_key=api_key).count() == 1
+
+
+def test_admin_rejects_control_characters_in_name(admin_client):
+    tier = make_tier("silver")
+    response = admin_client.post(
+        "/admin/keys/apikey/add/",
+        {"name": "a\nb", "tier": tier.pk, "expires_at_0": "", "expires_at_1": ""},
+    )
+    assert response.status_code == 200
+    assert "contains the control character" in html.unescape(response.content.decode())
+    assert not APIKey.objects.exists()

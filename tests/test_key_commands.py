@@ -74,6 +74,21 @@ def test_issue_key_defaults_to_default_tier():
             id="huge-days",
         ),
         pytest.param(["--name", "x" * 200], "maximum is 128", id="long-name"),
+        pytest.param(
+            ["--name", "a\nb"],
+            r"--name: 'a\\nb' contains the control character '\\n'",
+            id="newline-in-name",
+        ),
+        pytest.param(
+            ["--name", "a\x1b[31mb"],
+            "contains the control character",
+            id="escape-in-name",
+        ),
+        pytest.param(
+            ["--name", "a\u2028b"],
+            "contains the control character",
+            id="line-separator-in-name",
+        ),
     ],
 )
 def test_issue_key_rejects_bad_arguments(args, message):
@@ -520,6 +535,16 @@ def test_tier_update_without_options_changes_nothing():
             "--default-model: Ensure this value has at most",
             id="long-model",
         ),
+        pytest.param(
+            ["--default-model", "none"],
+            "--default-model: 'none' is not a model name",
+            id="none-model",
+        ),
+        pytest.param(
+            ["--allowed-models", " , ,"],
+            "--allowed-models: ' , ,' names no model",
+            id="separators-only",
+        ),
     ],
 )
 def test_tier_update_rejects_invalid_values(args, message):
@@ -532,10 +557,17 @@ def test_tier_update_rejects_invalid_values(args, message):
     assert tier.max_choices == 1
 
 
-def test_tier_create_rejects_bad_name():
+@pytest.mark.parametrize("name", ["Gold Tier", "gold\nsilver", "gold\n"])
+def test_tier_create_rejects_bad_name(name):
     with pytest.raises(CommandError, match="NAME: Enter a valid"):
-        run("tier", "create", "Gold Tier")
-    assert not Tier.objects.filter(name="Gold Tier").exists()
+        run("tier", "create", name)
+    assert not Tier.objects.filter(name=name).exists()
+
+
+def test_tier_update_clears_default_model_with_empty_value():
+    make_tier("gold", default_model="gpt-4o")
+    run("tier", "update", "gold", "--default-model", "")
+    assert Tier.objects.get(name="gold").default_model == ""
 
 
 def test_tier_create_existing_fails():

@@ -17,11 +17,12 @@ from keys.services import (
     extend_expiry,
     find_usable_key,
     hash_key,
+    issue_key,
     parse_prefix,
     revoke_key,
     rotate_key,
 )
-from tests.factories import make_key
+from tests.factories import make_key, make_tier
 
 pytestmark = pytest.mark.django_db
 
@@ -402,3 +403,9 @@ def test_tier_rejects_zero_limit(field):
     with pytest.raises(ValidationError) as caught:
         tier.full_clean()
     assert field in caught.value.message_dict
+
+
+def test_issue_key_rejects_control_characters_in_name():
+    with pytest.raises(ValidationError, match="contains the control character"):
+        issue_key(name="a\tb", tier=make_tier())
+    assert not APIKey.objects.exists()

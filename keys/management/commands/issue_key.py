@@ -2,12 +2,14 @@
 
 import datetime
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.utils import timezone
 
 from keys.models import APIKey, Tier
 from keys.services import MAX_EXPIRY_DAYS, issue_key
+from keys.validators import validate_no_control_characters
 
 from ._common import ISSUED_FIELDS, get_tier, issued_record, write_csv, write_json
 
@@ -106,6 +108,10 @@ class Command(BaseCommand):
     def _names(self, name: str, count: int | None) -> list[str]:
         if not name:
             raise CommandError("--name must not be empty.")
+        try:
+            validate_no_control_characters(name)
+        except ValidationError as exc:
+            raise CommandError(f"--name: {exc.messages[0]}") from exc
         if count is not None and not 1 <= count <= MAX_COUNT:
             raise CommandError(
                 f"--count must be between 1 and {MAX_COUNT}, not {count}."

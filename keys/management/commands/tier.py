@@ -146,6 +146,12 @@ class Command(BaseCommand):
 
     def _apply(self, tier: Tier, options: dict) -> dict[str, tuple]:
         """Set the given fields on `tier` and return each change as (old, new)."""
+        if options.get("default_model", "").strip().lower() == "none":
+            # 'none' clears numeric fields only, and is not a model name.
+            raise CommandError(
+                "--default-model: 'none' is not a model name. To use the "
+                "proxy's default model, give an empty value: --default-model ''"
+            )
         changes = {}
         for field in SETTABLE_FIELDS:
             if field not in options:
