@@ -3,7 +3,7 @@
 import datetime
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -113,7 +113,8 @@ class Tier(models.Model):
     )
     max_choices = models.PositiveSmallIntegerField(
         default=1,
-        validators=[MinValueValidator(1)],
+        # OpenAI's API takes n up to 128, and so does the chat endpoint.
+        validators=[MinValueValidator(1), MaxValueValidator(128)],
         help_text="Largest n (completions per request); larger values are "
         "lowered to it.",
     )

@@ -521,6 +521,11 @@ def test_tier_update_without_options_changes_nothing():
             id="zero-choices",
         ),
         pytest.param(
+            ["--max-choices", "9999999999999"],
+            "--max-choices: Ensure this value",
+            id="huge-choices",
+        ),
+        pytest.param(
             ["--tokens-per-day", "-5"],
             "--tokens-per-day: Ensure this value",
             id="negative-cap",
