@@ -9,6 +9,8 @@ usage value that is not a token count.
 
 from collections.abc import Iterator
 
+from .tokens import call_texts
+
 
 class MalformedReply(Exception):
     """An upstream reply or stream event without the shape of a chat completion.
@@ -88,10 +90,7 @@ def generated_texts(message: dict) -> Iterator[str]:
     call (function and custom tools) and of the legacy function_call.
     """
     yield from _strings(message, ("content", "refusal"))
-    for call in message.get("tool_calls") or []:
-        yield from _strings(call.get("function"), ("name", "arguments"))
-        yield from _strings(call.get("custom"), ("name", "input"))
-    yield from _strings(message.get("function_call"), ("name", "arguments"))
+    yield from call_texts(message)
 
 
 def _strings(container: dict | None, names: tuple[str, ...]) -> Iterator[str]:

@@ -141,6 +141,14 @@ def message_texts(message: dict) -> list[str]:
             elif isinstance(part, str):
                 texts.append(part)
     _add_texts(texts, message, ("name", "refusal", "tool_call_id"))
+    texts.extend(call_texts(message))
+    return texts
+
+
+def call_texts(message: dict) -> list[str]:
+    """Return the names and arguments (or input) of a message's tool calls and
+    of its older function_call. Values that are not strings are skipped."""
+    texts = []
     tool_calls = message.get("tool_calls")
     for call in tool_calls if isinstance(tool_calls, list) else ():
         if isinstance(call, dict):
