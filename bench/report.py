@@ -76,8 +76,8 @@ def _queries(text: str) -> list[str]:
     rows = [
         f"One chat completion (status {measured['status']}, "
         f"{measured['request_ms']} ms in-process, warm) ran {len(statements)} SQL "
-        f"statements taking {total:.1f} ms in all, {_transactions(measured)}, and "
-        f"{_round_trips(measured['redis'])} Redis round trips "
+        f"statements taking {total:.1f} ms in all, {_transactions(measured)}. It "
+        f"made {_round_trips(measured['redis'])} Redis round trips "
         f"({', '.join(measured['redis'])}).",
         "",
         "| # | ms | statement (values replaced by ?) |",

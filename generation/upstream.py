@@ -68,8 +68,8 @@ def post_json(path: str, body: dict, *, stream: bool = False) -> httpx2.Response
     The client supplies the base URL, the upstream key, timeouts, retries
     and its error classes, which upstream_errors() maps. The per-resource
     methods (client.chat.completions.create and the like) would also walk
-    every parameter through their type transform; the proxy's bodies are
-    validated already and hold only JSON values, so that walk is skipped.
+    every parameter through their type transform. The proxy's bodies are
+    validated already and contain only JSON values, so that walk is skipped.
     The body is encoded here, so that a value JSON cannot represent raises
     UnencodableRequestBody (400), not an error about the upstream's reply.
     With `stream`, the body is left unread for the caller to iterate and close.
@@ -164,7 +164,7 @@ def translate_error(exc: openai.OpenAIError) -> ProxyError:
     upstream_id = exc.request_id or "-"
     if isinstance(exc, openai.RateLimitError) and _is_quota_exhausted(exc):
         logger.error(
-            "Upstream refused the request because the proxy's upstream account "
+            "Upstream rejected the request because the proxy's upstream account "
             "has no quota or credit left (upstream id %s): %s. Add credit or raise "
             "the account's limits. Retrying will not help.",
             upstream_id,

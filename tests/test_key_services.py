@@ -123,7 +123,7 @@ def _field_values(instance) -> dict:
     }
 
 
-def test_lookup_loads_key_and_tier_as_the_orm_does(django_assert_num_queries):
+def test_lookup_matches_orm_loading(django_assert_num_queries):
     api_key, raw_key = make_key(name="compared")
     api_key.expires_at = timezone.now() + datetime.timedelta(days=3)
     api_key.save()
@@ -139,7 +139,7 @@ def test_lookup_loads_key_and_tier_as_the_orm_does(django_assert_num_queries):
     assert found._state.db == stored._state.db
 
 
-def test_lookup_sees_each_change_to_the_key_and_its_tier():
+def test_lookup_sees_key_and_tier_changes():
     api_key, raw_key = make_key()
     assert find_usable_key(raw_key).tier.tokens_per_day != 123
     Tier.objects.filter(pk=api_key.tier_id).update(tokens_per_day=123)
