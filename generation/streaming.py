@@ -5,6 +5,7 @@ watches the events for usage, so that the quota is settled when the stream
 ends, however it ends: completed, failed upstream, or abandoned by the client.
 """
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ CLIENT_DISCONNECTED = "client_disconnected"
 # Renders an upstream event that check_chunk accepted, with its raw JSON text,
 # as bytes for the client, or None to drop it.
 EventRenderer = Callable[[dict, str], bytes | None]
+# Lines read past the upstream's [DONE] before giving up on its connection.
+LINES_AFTER_DONE = 8
 
 
 def sse(data: str) -> bytes:
@@ -70,6 +73,7 @@ class ChatStreamRelay:
         self.received_events = 0
         self.finished = False
         self.settled = False
+        self._lines = upstream.iter_lines()
         self._events = self._generate()
 
     def __iter__(self) -> Iterator[bytes]:
@@ -116,6 +120,7 @@ class ChatStreamRelay:
     def _relay_events(self) -> Iterator[bytes]:
         for data in self._upstream_data():
             if data == "[DONE]":
+                self._read_past_done()
                 break
             event = self._parse(data)
             self._observe(event)
@@ -137,10 +142,9 @@ class ChatStreamRelay:
 
     def _upstream_data(self) -> Iterator[str]:
         """Yield the data of each upstream event, mapping read failures."""
-        lines = self.upstream.iter_lines()
         while True:
             try:
-                line = next(lines)
+                line = next(self._lines)
             except StopIteration:
                 return
             except httpx2.TimeoutException as exc:
@@ -151,6 +155,20 @@ class ChatStreamRelay:
                 raise UpstreamError() from exc
             if line.startswith("data:"):
                 yield line[len("data:") :].strip()
+
+    def _read_past_done(self) -> None:
+        """Read the end of the upstream response, normally only its last bytes.
+
+        The client closes a response it has not read to the end, and with it
+        the connection; read to the end, the connection goes back to the
+        client's pool for the next call.
+        """
+        try:
+            for _ in itertools.islice(self._lines, LINES_AFTER_DONE):
+                pass
+        except httpx2.HTTPError:
+            # The completion is whole; only the connection is not reused.
+            logger.info("Upstream stream failed after [DONE].")
 
     def _parse(self, data: str) -> dict:
         try:

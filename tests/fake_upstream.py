@@ -550,6 +550,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.upstream = upstream
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.connections_accepted = 0
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -561,6 +562,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
             self._connections.add(request)
+            self.connections_accepted += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -665,6 +667,13 @@ class FakeUpstream:
     def base_url(self) -> str:
         """URL to pass as the openai client's ``base_url``, ending in ``/v1``."""
         return f"http://{self._address[0]}:{self.port}/v1"
+
+    @property
+    def connections_accepted(self) -> int:
+        """Number of TCP connections accepted since start()."""
+        if self._server is None:
+            raise RuntimeError("FakeUpstream is not running. Call start() first.")
+        return self._server.connections_accepted
 
     @property
     def requests(self) -> list[RecordedRequest]:

@@ -579,6 +579,13 @@ class TestStreaming:
         with pytest.raises(openai.PermissionDeniedError):
             create(sdk, stream=True)
 
+    def test_streams_reuse_the_upstream_connection(self, sdk, upstream):
+        before = upstream.connections_accepted
+        for _ in range(3):
+            list(create(sdk, stream=True))
+        # The first stream may open a connection; the next ones reuse it.
+        assert upstream.connections_accepted - before <= 1
+
     def test_chunks_arrive_as_produced(self, sdk, upstream):
         upstream.set_default(chunk_delay=0.2)
         try:
