@@ -37,6 +37,12 @@ _CLIENT_SETTINGS = {
 # Anything shaped like an API key, such as the masked key that OpenAI quotes
 # back in a 401 message, is cut from upstream text before it is logged.
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9*_\-]{4,}")
+# The client's default keeps 100 idle connections and closes the rest, but a
+# worker runs up to one call per thread, hundreds at once: keep them all, so
+# that calls after a busy moment need no new connection.
+UPSTREAM_CONNECTION_LIMITS = httpx2.Limits(
+    max_connections=1000, max_keepalive_connections=1000
+)
 # Used when a rate-limited upstream sends no Retry-After of its own.
 DEFAULT_UPSTREAM_RETRY_AFTER = 1.0
 
@@ -58,6 +64,9 @@ def get_client() -> openai.OpenAI:
                 base_url=settings.OPENAI_BASE_URL,
                 timeout=settings.PROXY_UPSTREAM_TIMEOUT,
                 max_retries=settings.PROXY_UPSTREAM_MAX_RETRIES,
+                http_client=openai.DefaultHttpxClient(
+                    limits=UPSTREAM_CONNECTION_LIMITS
+                ),
             )
         return _client
 

@@ -545,6 +545,8 @@ def _parse_json(body: bytes) -> Any:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Room for many clients connecting at once, as in the concurrency tests.
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], upstream: FakeUpstream) -> None:
         self.upstream = upstream

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -39,6 +40,26 @@ def test_encoded_body_reaches_upstream(upstream):
     assert response.status_code == 200
     assert request.json == body
     assert request.headers["content-type"] == "application/json"
+
+
+def test_connections_stay_open_for_as_many_calls_as_ran_at_once(upstream):
+    # More calls at once than the openai client keeps alive by default (100),
+    # as a worker with hundreds of threads makes. Connections it closes after
+    # one round would be opened again in the next.
+    calls = 150
+    body = {"model": "gpt-4o-mini", "messages": HELLO}
+
+    def call(_):
+        with upstream_errors():
+            return post_json("/chat/completions", body).status_code
+
+    accepted = []
+    with ThreadPoolExecutor(max_workers=calls) as pool:
+        for _ in range(2):
+            upstream.queue(Behaviour(delay=0.5), times=calls)
+            assert set(pool.map(call, range(calls))) == {200}
+            accepted.append(upstream.connections_accepted)
+    assert accepted[1] == accepted[0]
 
 
 # Nested far deeper than Python's recursion limit (1000 frames by default).
