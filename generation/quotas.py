@@ -22,6 +22,7 @@ from keys.models import APIKey
 from proxy_site.errors import QuotaExceeded
 
 from .models import QuotaCounter, UsageRecord
+from .records import Statement, StatementResult, execute_together
 
 logger = logging.getLogger(__name__)
 
@@ -253,16 +254,33 @@ def settle(reservation: Reservation, *, used_tokens: int) -> tuple["QuotaState",
 
     Returns the counters as they stand afterwards.
     """
-    if not reservation.counters:
+    statement = settle_statement(reservation, used_tokens=used_tokens)
+    if statement is None:
         return ()
+    [result] = execute_together(connection, [statement])
+    return states_after_settle(reservation, result)
+
+
+def settle_statement(reservation: Reservation, *, used_tokens: int) -> Statement | None:
+    """Return the UPDATE that settles a reservation, or None if it holds nothing.
+
+    Pass its result to states_after_settle().
+    """
+    if not reservation.counters:
+        return None
     where, params = _counter_filter(reservation.api_key_id, reservation.counters)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {_table()} SET reserved = reserved - %s, used = used + %s "
-            f"WHERE {where} RETURNING period, used, reserved",
-            [reservation.amount, used_tokens, *params],
-        )
-        rows = {period: (used, reserved) for period, used, reserved in cursor}
+    return (
+        f"UPDATE {_table()} SET reserved = reserved - %s, used = used + %s "
+        f"WHERE {where} RETURNING period, used, reserved",
+        [reservation.amount, used_tokens, *params],
+    )
+
+
+def states_after_settle(
+    reservation: Reservation, result: StatementResult
+) -> tuple["QuotaState", ...]:
+    """Return the reservation's counters as the settling UPDATE left them."""
+    rows = {period: (used, reserved) for period, used, reserved in result.rows}
     return tuple(
         dataclasses.replace(
             state, used=rows[state.period][0], reserved=rows[state.period][1]

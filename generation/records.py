@@ -2,7 +2,9 @@
 
 Model.save() compiles its INSERT or UPDATE on every call. Every request
 writes its usage record twice (in flight, then settled), so these functions
-build the two statements from the model's fields once and reuse them. On a
+build the two statements from the model's fields once and reuse them. The
+settling UPDATE can go to the database in one query with the quota's
+(execute_together). On a
 2-core test machine that took the settling UPDATE from 0.42 ms of CPU to 0.20
 ms, and the INSERT from 0.37 ms to 0.29 ms. Values pass
 through each field's pre_save() and get_db_prep_save(), as in Model.save().
@@ -12,10 +14,22 @@ writes. No receiver listens for usage records; one added later would have to
 be called from here.
 """
 
+from dataclasses import dataclass
+
 from django.db import DatabaseError, connections, router
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from .models import UsageRecord
+
+# An SQL statement with its parameters.
+Statement = tuple[str, list]
+
+
+@dataclass(frozen=True)
+class StatementResult:
+    rows: list[tuple]
+    rowcount: int
+
 
 # Columns that settling changes in a record that was saved while in flight.
 SETTLED_FIELDS = (
@@ -97,17 +111,65 @@ def update_settled_fields(record: UsageRecord) -> None:
     Raises DatabaseError if the row is gone, as Model.save(update_fields=...)
     does.
     """
+    connection, update = settling_update(record)
+    [result] = execute_together(connection, [update])
+    check_settled(record, result)
+
+
+def settling_update(record: UsageRecord) -> tuple[BaseDatabaseWrapper, Statement]:
+    """Return the UPDATE that writes a saved record's SETTLED_FIELDS, and its database.
+
+    Pass its result to check_settled().
+    """
     _, connection, statements = _prepare(record)
     params = [
         field.get_db_prep_save(field.pre_save(record, False), connection)
         for field in statements.update_fields
     ]
     params.append(record.pk)
-    with connection.cursor() as cursor:
-        cursor.execute(statements.update_sql, params)
-        updated = cursor.rowcount
-    if updated != 1:
+    return connection, (statements.update_sql, params)
+
+
+def check_settled(record: UsageRecord, result: StatementResult) -> None:
+    """Raise DatabaseError if the settling UPDATE found no row to change."""
+    if result.rowcount != 1:
         raise DatabaseError(
             f"Usage record {record.pk} not found while settling it. It was "
             "probably deleted while its request was in flight."
         )
+
+
+def execute_together(
+    connection: BaseDatabaseWrapper, statements: list[Statement]
+) -> list[StatementResult]:
+    """Run statements in order and return each one's rows and row count.
+
+    On PostgreSQL with client-side parameter binding (the default of
+    Django's psycopg 3 backend) they go as one query: one round trip and, in
+    autocommit, one transaction, so that either all of them take effect or
+    none. Elsewhere they run one after another, each on its own.
+    """
+    results = []
+    with connection.cursor() as cursor:
+        if len(statements) > 1 and _sends_many_in_one_query(connection):
+            sql = "; ".join(sql for sql, _ in statements)
+            cursor.execute(sql, [param for _, params in statements for param in params])
+            for index in range(len(statements)):
+                if index:
+                    cursor.nextset()
+                results.append(_result(cursor))
+        else:
+            for sql, params in statements:
+                cursor.execute(sql, params)
+                results.append(_result(cursor))
+    return results
+
+
+def _sends_many_in_one_query(connection: BaseDatabaseWrapper) -> bool:
+    options = connection.settings_dict.get("OPTIONS") or {}
+    return connection.vendor == "postgresql" and not options.get("server_side_binding")
+
+
+def _result(cursor) -> StatementResult:
+    rows = cursor.fetchall() if cursor.description else []
+    return StatementResult(rows=rows, rowcount=cursor.rowcount)

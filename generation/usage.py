@@ -21,7 +21,13 @@ from proxy_site.middleware import current_request_log
 from . import quotas
 from .models import UsageRecord
 from .policy import PreparedChat
-from .records import insert_record, update_settled_fields
+from .records import (
+    check_settled,
+    execute_together,
+    insert_record,
+    settling_update,
+    update_settled_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,16 +178,39 @@ class UsageTracker:
         A stream that fails or loses its client part-way is settled here too,
         charged for what was generated before it ended.
         """
-        if self.reservation is not None:
-            used = prompt_tokens + completion_tokens
-            self.quota_states = quotas.settle(self.reservation, used_tokens=used)
-            self.reservation = None
         self.record.status = status
         self.record.http_status = http_status
         self.record.reason = reason
         self.record.prompt_tokens = prompt_tokens
         self.record.completion_tokens = completion_tokens
+        used = prompt_tokens + completion_tokens
+        if self.reservation is not None and self._settle_with_record(used):
+            return
+        if self.reservation is not None:
+            self.quota_states = quotas.settle(self.reservation, used_tokens=used)
+            self.reservation = None
         self._save()
+
+    def _settle_with_record(self, used_tokens: int) -> bool:
+        """Settle the reservation and save the record in one query, if possible.
+
+        Returns False, having written nothing, when the two cannot go
+        together: the record is not saved yet, the reservation holds no
+        counter, or the record lives in another database. If the query fails,
+        neither is written and the reservation is still held.
+        """
+        settle = quotas.settle_statement(self.reservation, used_tokens=used_tokens)
+        if settle is None or self.record.pk is None:
+            return False
+        self.record.settled_at = timezone.now()
+        record_connection, update = settling_update(self.record)
+        if record_connection.alias != connection.alias:
+            return False
+        settled, updated = execute_together(connection, [settle, update])
+        self.quota_states = quotas.states_after_settle(self.reservation, settled)
+        self.reservation = None
+        check_settled(self.record, updated)
+        return True
 
     def _release(self) -> None:
         if self.reservation is not None:

@@ -1,15 +1,22 @@
 """Usage records written with the prebuilt INSERT and UPDATE."""
 
 import datetime
+import json
 
 import pytest
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from generation.models import UsageRecord
-from generation.records import SETTLED_FIELDS, insert_record, update_settled_fields
+from generation.models import QuotaCounter, UsageRecord
+from generation.records import (
+    SETTLED_FIELDS,
+    execute_together,
+    insert_record,
+    update_settled_fields,
+)
 from keys.models import PromptRule
-from tests.factories import make_key
+from tests.factories import make_key, make_tier
 
 pytestmark = pytest.mark.django_db
 
@@ -97,3 +104,47 @@ def test_update_of_deleted_record_raises():
 
     with pytest.raises(DatabaseError, match="not found"):
         update_settled_fields(record)
+
+
+def test_settling_writes_quota_and_record_together(api_client, upstream):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api_client.post(
+            "/generate-text/",
+            json.dumps({"prompt": "hi"}),
+            content_type="application/json",
+            headers={"x-api-key": raw_key},
+        )
+
+    assert response.status_code == 200
+    record = UsageRecord.objects.get(api_key=api_key)
+    counter = QuotaCounter.objects.get(api_key=api_key)
+    assert record.status == Status.SUCCEEDED
+    assert counter.used == record.prompt_tokens + record.completion_tokens > 0
+    assert counter.reserved == 0
+    [last] = [query["sql"] for query in queries.captured_queries][-1:]
+    statements = [part for part in last.split("; ") if part]
+    # One round trip on PostgreSQL; one statement at a time elsewhere.
+    assert len(statements) == (2 if connection.vendor == "postgresql" else 1)
+    assert "usage" in statements[-1].lower()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_statements_sent_together_fail_together_on_postgresql():
+    record = _new_record()
+    insert_record(record)
+    table = UsageRecord._meta.db_table
+    statements = [
+        (f"UPDATE {table} SET reason = %s WHERE id = %s", ["written", record.pk]),
+        (f"UPDATE {table} SET no_such_column = 1", []),
+    ]
+
+    with pytest.raises(DatabaseError):
+        execute_together(connection, statements)
+
+    stored = UsageRecord.objects.get(pk=record.pk)
+    # Sent as one query, the failure undoes the first statement too; sent
+    # one at a time, the first has already been committed.
+    expected = "" if connection.vendor == "postgresql" else "written"
+    assert stored.reason == expected
