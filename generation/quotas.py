@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from django.db import connection
@@ -87,7 +87,13 @@ def caps(api_key: APIKey) -> list[tuple[str, int]]:
     return [(period, cap) for period, cap in pairs if cap is not None]
 
 
-def reserve(*, api_key: APIKey, amount: int) -> Reservation:
+def reserve(
+    *,
+    api_key: APIKey,
+    amount: int,
+    along_with: Statement | None = None,
+    on_result: Callable[[StatementResult], None] | None = None,
+) -> Reservation:
     """Hold `amount` tokens in every capped period, or raise QuotaExceeded.
 
     One statement adds the amount to each capped period's counter, creating
@@ -95,10 +101,18 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
     cap. When a period refuses, the periods that accepted are given back. A
     concurrent request may see them as fuller than they are in between, which
     can reject a request near the cap but never admit one past it.
+
+    `along_with`, a statement of the caller's, runs just before that
+    statement, in the same query where the database allows (see
+    execute_together), and `on_result` gets its result, also when the
+    reservation is then rejected. An amount larger than a whole cap is
+    rejected before either runs.
     """
     now = timezone.now()
     key_caps = caps(api_key)
     if not key_caps:
+        if along_with is not None:
+            _execute([], along_with, on_result)
         return Reservation(api_key_id=api_key.pk, amount=amount, counters=())
     # Plain strings: the rows come back with the period as a str, and an
     # enum member does not hash like its value.
@@ -113,7 +127,8 @@ def reserve(*, api_key: APIKey, amount: int) -> Reservation:
             raise _quota_exceeded(api_key, period, start, cap, amount, now)
     # The rows are listed, and so locked, in order of period (see
     # _counter_filter).
-    rows = _reserve_rows(api_key.pk, periods, amount)
+    reserve_statement = _reserve_statement(api_key.pk, periods, amount)
+    rows = _execute([reserve_statement], along_with, on_result)[0].rows
     states = {period: (used, reserved) for period, used, reserved in rows}
     rejected = [period for period in periods if period not in states]
     if rejected:
@@ -143,9 +158,26 @@ def _table() -> str:
     return connection.ops.quote_name(QuotaCounter._meta.db_table)
 
 
-def _reserve_rows(
+def _execute(
+    statements: list[Statement],
+    along_with: Statement | None,
+    on_result: Callable[[StatementResult], None] | None,
+) -> list[StatementResult]:
+    """Run `along_with` (if any), then `statements`; return the results of `statements`.
+
+    `on_result` gets the result of `along_with`.
+    """
+    if along_with is None:
+        return execute_together(connection, statements)
+    first, *results = execute_together(connection, [along_with, *statements])
+    if on_result is not None:
+        on_result(first)
+    return results
+
+
+def _reserve_statement(
     api_key_id: int, periods: dict[str, tuple[datetime.date, int]], amount: int
-) -> list[tuple[str, int, int]]:
+) -> Statement:
     table = _table()
     values = ", ".join(["(%s, %s, %s, 0, %s)"] * len(periods))
     params: list = []
@@ -163,9 +195,7 @@ def _reserve_rows(
         f"<= CASE {cap_cases} END "
         "RETURNING period, used, reserved"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchall()
+    return sql, params
 
 
 def _counter_filter(
@@ -262,7 +292,7 @@ def settle(reservation: Reservation, *, used_tokens: int) -> tuple["QuotaState",
 
 
 def settle_statement(reservation: Reservation, *, used_tokens: int) -> Statement | None:
-    """Return the UPDATE that settles a reservation, or None if it holds nothing.
+    """Return the UPDATE that settles a reservation, or None without counters.
 
     Pass its result to states_after_settle().
     """

@@ -25,6 +25,7 @@ from .records import (
     check_settled,
     execute_together,
     insert_record,
+    inserting,
     settling_update,
     update_settled_fields,
 )
@@ -109,18 +110,37 @@ class UsageTracker:
         # large, so the cheap bound is tried first. Only when the bound does
         # not fit is the prompt counted, and the exact worst case tried.
         try:
-            self.reservation = quotas.reserve(
-                api_key=self.api_key, amount=chat.worst_case_bound
-            )
+            self._reserve(chat.worst_case_bound)
         except QuotaExceeded:
             if chat.worst_case_tokens >= chat.worst_case_bound:
                 raise
-            self.reservation = quotas.reserve(
-                api_key=self.api_key, amount=chat.worst_case_tokens
-            )
+            self._reserve(chat.worst_case_tokens)
         self.quota_states = self.reservation.states
-        self.record.reserved_tokens = self.reservation.amount
-        insert_record(self.record)
+
+    def _reserve(self, amount: int) -> None:
+        """Reserve `amount` and, the first time, insert the record in the same query.
+
+        The record goes in as the reservation is tried, so a rejected request
+        has its record saved already, with no tokens reserved.
+        """
+        self.record.reserved_tokens = amount
+        insert = inserting(self.record) if self.record.pk is None else None
+        try:
+            if insert is None or insert[0].alias != connection.alias:
+                self.reservation = quotas.reserve(api_key=self.api_key, amount=amount)
+                if self.record.pk is None:
+                    insert_record(self.record)
+                return
+            _, statement, inserted = insert
+            self.reservation = quotas.reserve(
+                api_key=self.api_key,
+                amount=amount,
+                along_with=statement,
+                on_result=inserted,
+            )
+        except QuotaExceeded:
+            self.record.reserved_tokens = 0
+            raise
 
     def call_upstream(self, call: Callable[[], T], *, stream: bool = False) -> T:
         """Run the upstream call, timing it for the record and the metrics.
@@ -195,8 +215,8 @@ class UsageTracker:
         """Settle the reservation and save the record in one query, if possible.
 
         Returns False, having written nothing, when the two cannot go
-        together: the record is not saved yet, the reservation holds no
-        counter, or the record lives in another database. If the query fails,
+        together: the record is not saved yet, the reservation has no
+        counter, or the record is in another database. If the query fails,
         neither is written and the reservation is still held.
         """
         settle = quotas.settle_statement(self.reservation, used_tokens=used_tokens)

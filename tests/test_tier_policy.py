@@ -363,6 +363,11 @@ class TestQuota:
         day = QuotaCounter.objects.get(api_key=api_key, period="day")
         assert (day.used, day.reserved) == (0, 0)
         assert upstream.requests == []
+        record = UsageRecord.objects.get(api_key=api_key)
+        assert record.status == UsageRecord.Status.REFUSED
+        assert record.http_status == 429
+        assert record.reason == "insufficient_quota"
+        assert record.reserved_tokens == 0
 
     def test_day_ends_at_utc_midnight(self):
         now = datetime.datetime(2026, 12, 31, 15, 30, tzinfo=datetime.UTC)
