@@ -49,7 +49,15 @@ class _SQLRecorder:
             return execute(sql, params, many, context)
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            self.statements.append({"sql": _shape(sql), "ms": round(elapsed_ms, 3)})
+            # A query may hold several statements (see execute_together).
+            parts = [_shape(part) for part in sql.split("; ")]
+            self.statements.append(
+                {
+                    "sql": "; ".join(parts),
+                    "count": len(parts),
+                    "ms": round(elapsed_ms, 3),
+                }
+            )
 
 
 class _TransactionCounter:

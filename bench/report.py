@@ -75,17 +75,19 @@ def _queries(text: str) -> list[str]:
     total = sum(item["ms"] for item in statements)
     rows = [
         f"One chat completion (status {measured['status']}, "
-        f"{measured['request_ms']} ms in-process, warm) ran {len(statements)} SQL "
-        f"statements taking {total:.1f} ms in all, {_transactions(measured)}. It "
+        f"{measured['request_ms']} ms in-process, warm) sent {len(statements)} SQL "
+        f"queries ({sum(item.get('count', 1) for item in statements)} statements) "
+        f"taking {total:.1f} ms in all, {_transactions(measured)}. It "
         f"made {_round_trips(measured['redis'])} Redis round trips "
         f"({', '.join(measured['redis'])}).",
         "",
-        "| # | ms | statement (values replaced by ?) |",
+        "| # | ms | statements (values replaced by ?) |",
         "|---|---|---|",
     ]
     for number, item in enumerate(statements, start=1):
-        sql = item["sql"].replace("|", "\\|")
-        rows.append(f"| {number} | {item['ms']:.2f} | `{sql[:110]}` |")
+        parts = [part[:70] for part in item["sql"].split("; ")]
+        sql = "; ".join(parts).replace("|", "\\|")
+        rows.append(f"| {number} | {item['ms']:.2f} | `{sql}` |")
     return rows
 
 
