@@ -120,7 +120,6 @@ class ChatStreamRelay:
     def _relay_events(self) -> Iterator[bytes]:
         for data in self._upstream_data():
             if data == "[DONE]":
-                self._read_past_done()
                 break
             event = self._parse(data)
             self._observe(event)
@@ -139,6 +138,9 @@ class ChatStreamRelay:
             if closing is not None:
                 yield closing
         yield sse("[DONE]")
+        # Only after the client has its [DONE] and the record is settled, so
+        # that an upstream slow to end its body delays neither.
+        self._read_past_done()
 
     def _upstream_data(self) -> Iterator[str]:
         """Yield the data of each upstream event, mapping read failures."""
@@ -162,6 +164,12 @@ class ChatStreamRelay:
         The client closes a response it has not read to the end, and with it
         the connection; read to the end, the connection goes back to the
         client's pool for the next call.
+
+        NOTE: an upstream that stalls here holds the worker thread for up to
+        PROXY_UPSTREAM_TIMEOUT per line, and one that keeps sending bytes
+        without a line end holds it until it stops. A client that reads until
+        the body ends waits as long. The read timeout cannot be shortened once
+        the body is being read, and no byte limit applies here.
         """
         try:
             for _ in itertools.islice(self._lines, LINES_AFTER_DONE):

@@ -586,6 +586,23 @@ class TestStreaming:
         # The first stream may open a connection; the next ones reuse it.
         assert upstream.connections_accepted - before <= 1
 
+    def test_stall_after_done_does_not_delay_client(self, sdk, upstream, settings):
+        settings.PROXY_UPSTREAM_TIMEOUT = 5
+        # The upstream sends [DONE] as its third event, then holds back the
+        # end of its body for 3 s.
+        events = [text_chunk("hello"), finish_chunk()]
+        upstream.queue(Behaviour(events=events, stall_after_chunks=3, stall_seconds=3))
+        started = time.monotonic()
+        chunks = list(create(sdk, stream=True))
+        elapsed = time.monotonic() - started
+        record = UsageRecord.objects.get()
+        day = QuotaCounter.objects.get(period="day")
+        assert len(chunks) == 2
+        assert elapsed < 1
+        assert record.status == UsageRecord.Status.SUCCEEDED
+        assert day.reserved == 0
+        assert day.used == record.total_tokens
+
     def test_chunks_arrive_as_produced(self, sdk, upstream):
         upstream.set_default(chunk_delay=0.2)
         try:
