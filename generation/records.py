@@ -18,7 +18,7 @@ be called from here.
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from .models import UsageRecord
@@ -177,24 +177,25 @@ def execute_together(
 ) -> list[StatementResult]:
     """Run statements in order and return each one's rows and row count.
 
-    On PostgreSQL with client-side parameter binding (the default of
-    Django's psycopg 3 backend) they go as one query: one round trip and, in
-    autocommit, one transaction, so that either all of them take effect or
-    none. Elsewhere they run one after another, each on its own.
+    Either all of them take effect or none. On PostgreSQL with client-side
+    parameter binding (the default of Django's psycopg 3 backend) they go as
+    one query, which PostgreSQL runs as one transaction: one round trip.
+    Elsewhere they run one after another in a transaction.
     """
     results = []
-    with connection.cursor() as cursor:
-        if len(statements) > 1 and _sends_many_in_one_query(connection):
-            sql = "; ".join(sql for sql, _ in statements)
+    if len(statements) > 1 and _sends_many_in_one_query(connection):
+        sql = "; ".join(sql for sql, _ in statements)
+        with connection.cursor() as cursor:
             cursor.execute(sql, [param for _, params in statements for param in params])
             for index in range(len(statements)):
                 if index:
                     cursor.nextset()
                 results.append(_result(cursor))
-        else:
-            for sql, params in statements:
-                cursor.execute(sql, params)
-                results.append(_result(cursor))
+        return results
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+        for sql, params in statements:
+            cursor.execute(sql, params)
+            results.append(_result(cursor))
     return results
 
 

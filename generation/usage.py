@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from keys.models import APIKey
@@ -138,7 +138,8 @@ class UsageTracker:
                 along_with=statement,
                 on_result=inserted,
             )
-        except QuotaExceeded:
+        except Exception:
+            # Rejected or failed, the attempt leaves nothing reserved.
             self.record.reserved_tokens = 0
             raise
 
@@ -217,7 +218,7 @@ class UsageTracker:
         Returns False, having written nothing, when the two cannot go
         together: the record is not saved yet, the reservation has no
         counter, or the record is in another database. If the query fails,
-        neither is written and the reservation is still held.
+        the quota is settled on its own and the error raised.
         """
         settle = quotas.settle_statement(self.reservation, used_tokens=used_tokens)
         if settle is None or self.record.pk is None:
@@ -226,7 +227,15 @@ class UsageTracker:
         record_connection, update = settling_update(self.record)
         if record_connection.alias != connection.alias:
             return False
-        settled, updated = execute_together(connection, [settle, update])
+        try:
+            settled, updated = execute_together(connection, [settle, update])
+        except DatabaseError:
+            # Neither statement took effect. Charge the call on its own, as
+            # the upstream answered it, because a stream has no error path
+            # that would release the reservation.
+            self.quota_states = quotas.settle(self.reservation, used_tokens=used_tokens)
+            self.reservation = None
+            raise
         self.quota_states = quotas.states_after_settle(self.reservation, settled)
         self.reservation = None
         check_settled(self.record, updated)

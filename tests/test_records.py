@@ -142,7 +142,7 @@ def test_request_writes_quota_and_record_together(api_client, upstream):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_statements_sent_together_fail_together_on_postgresql():
+def test_statements_run_together_fail_together():
     record = _new_record()
     insert_record(record)
     table = UsageRecord._meta.db_table
@@ -155,7 +155,133 @@ def test_statements_sent_together_fail_together_on_postgresql():
         execute_together(connection, statements)
 
     stored = UsageRecord.objects.get(pk=record.pk)
-    # Sent as one query, the failure undoes the first statement too; sent
-    # one at a time, the first has already been committed.
-    expected = "" if connection.vendor == "postgresql" else "written"
-    assert stored.reason == expected
+    assert stored.reason == ""
+
+
+@pytest.fixture
+def failing_settle():
+    """Make the database reject the UPDATE that settles a record as succeeded."""
+    table = UsageRecord._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION reject_settle() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'settling rejected'; END $$ LANGUAGE plpgsql"
+            )
+            cursor.execute(
+                f"CREATE TRIGGER reject_settle BEFORE UPDATE ON {table} "
+                "FOR EACH ROW WHEN (NEW.status = 'succeeded') "
+                "EXECUTE FUNCTION reject_settle()"
+            )
+        else:
+            cursor.execute(
+                f"CREATE TRIGGER reject_settle BEFORE UPDATE ON {table} "
+                "WHEN NEW.status = 'succeeded' "
+                "BEGIN SELECT RAISE(ABORT, 'settling rejected'); END"
+            )
+    yield
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"DROP TRIGGER reject_settle ON {table}")
+            cursor.execute("DROP FUNCTION reject_settle()")
+        else:
+            cursor.execute("DROP TRIGGER reject_settle")
+
+
+def _generate(api_client, raw_key, **fields):
+    return api_client.post(
+        "/generate-text/",
+        json.dumps({"prompt": "hi", **fields}),
+        content_type="application/json",
+        headers={"x-api-key": raw_key},
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_settle_releases_reservation_once(api_client, upstream, failing_settle):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    with pytest.raises(DatabaseError):
+        _generate(api_client, raw_key)
+
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert counter.reserved == 0
+    assert record.status == Status.FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_settle_still_charges_completion(api_client, upstream, failing_settle):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    with pytest.raises(DatabaseError):
+        _generate(api_client, raw_key)
+
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == Status.FAILED
+    assert record.total_tokens > 0
+    assert counter.used == record.total_tokens
+    assert counter.reserved == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_settle_still_charges_stream(api_client, upstream, failing_settle):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    response = _generate(api_client, raw_key, stream=True)
+    body = b"".join(response.streaming_content)
+    response.close()
+
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    # The stream had started, so the failure ends it with an error event.
+    assert b'"internal_error"' in body
+    assert counter.reserved == 0
+    assert counter.used > 0
+
+
+@pytest.fixture
+def failing_reservation():
+    """Make the database reject the upsert that reserves quota."""
+    table = QuotaCounter._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION reject_reserve() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'reservation rejected'; END $$ LANGUAGE plpgsql"
+            )
+            cursor.execute(
+                f"CREATE TRIGGER reject_reserve BEFORE INSERT ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION reject_reserve()"
+            )
+        else:
+            cursor.execute(
+                f"CREATE TRIGGER reject_reserve BEFORE INSERT ON {table} "
+                "BEGIN SELECT RAISE(ABORT, 'reservation rejected'); END"
+            )
+    yield
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"DROP TRIGGER reject_reserve ON {table}")
+            cursor.execute("DROP FUNCTION reject_reserve()")
+        else:
+            cursor.execute("DROP TRIGGER reject_reserve")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_reservation_leaves_one_record(
+    api_client, upstream, failing_reservation
+):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    with pytest.raises(DatabaseError):
+        _generate(api_client, raw_key)
+
+    # The record's INSERT went with the failed upsert and was undone, so the
+    # only record is the one the error path saved.
+    [record] = UsageRecord.objects.filter(api_key=api_key)
+    assert record.status == Status.REFUSED
+    assert record.reason == "internal_error"
+    assert record.reserved_tokens == 0
+    assert not QuotaCounter.objects.filter(api_key=api_key).exists()
+    assert upstream.requests == []
