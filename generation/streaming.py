@@ -5,9 +5,10 @@ watches the events for usage, so that the quota is settled when the stream
 ends, however it ends: completed, failed upstream, or abandoned by the client.
 """
 
-import itertools
 import json
 import logging
+import re
+import time
 from collections.abc import Callable, Iterator
 
 import httpx2
@@ -28,8 +29,11 @@ CLIENT_DISCONNECTED = "client_disconnected"
 # Renders an upstream event that check_chunk accepted, with its raw JSON text,
 # as bytes for the client, or None to drop it.
 EventRenderer = Callable[[dict, str], bytes | None]
-# Lines read past the upstream's [DONE] before giving up on its connection.
-LINES_AFTER_DONE = 8
+# What is read of the upstream body after its [DONE], normally only the
+# chunked body's last bytes, before its connection is closed, not reused.
+CHARACTERS_AFTER_DONE = 64 * 1024
+SECONDS_AFTER_DONE = 1.0
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def sse(data: str) -> bytes:
@@ -73,7 +77,10 @@ class ChatStreamRelay:
         self.received_events = 0
         self.finished = False
         self.settled = False
-        self._lines = upstream.iter_lines()
+        self._text = upstream.iter_text()
+        self._lines = split_lines(self._text)
+        # Set when the upstream sent [DONE] and the client got the whole reply.
+        self.completed = False
         self._events = self._generate()
 
     def __iter__(self) -> Iterator[bytes]:
@@ -86,8 +93,12 @@ class ChatStreamRelay:
             self._events.close()
             if not self.settled:
                 self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
-                self.upstream.close()
+            elif self.completed:
+                # The server has sent the client the whole response by now,
+                # so reading the upstream's last bytes delays no one.
+                self._read_past_done()
         finally:
+            self.upstream.close()
             self.tracker.end_upstream_stream()
 
     def _generate(self) -> Iterator[bytes]:
@@ -114,7 +125,8 @@ class ChatStreamRelay:
                 self._settle(Status.FAILED, failure.status_code, failure.default_code)
             yield error_event(failure)
         finally:
-            self.upstream.close()
+            if not self.completed:
+                self.upstream.close()
             self.tracker.end_upstream_stream()
 
     def _relay_events(self) -> Iterator[bytes]:
@@ -137,10 +149,8 @@ class ChatStreamRelay:
             closing = self.finish(usage)
             if closing is not None:
                 yield closing
+        self.completed = True
         yield sse("[DONE]")
-        # Only after the client has its [DONE] and the record is settled, so
-        # that an upstream slow to end its body delays neither.
-        self._read_past_done()
 
     def _upstream_data(self) -> Iterator[str]:
         """Yield the data of each upstream event, mapping read failures."""
@@ -161,22 +171,24 @@ class ChatStreamRelay:
     def _read_past_done(self) -> None:
         """Read the end of the upstream response, normally only its last bytes.
 
-        The client closes a response it has not read to the end, and with it
-        the connection; read to the end, the connection goes back to the
-        client's pool for the next call.
-
-        NOTE: an upstream that stalls here holds the worker thread for up to
-        PROXY_UPSTREAM_TIMEOUT per line, and one that keeps sending bytes
-        without a line end holds it until it stops. A client that reads until
-        the body ends waits as long. The read timeout cannot be shortened once
-        the body is being read, and no byte limit applies here.
+        The openai client closes a response that was not read to the end, and
+        the connection with it. Read to the end, the connection goes back to
+        the client's pool for the next call. An upstream that sends more
+        than CHARACTERS_AFTER_DONE, or sends for longer than
+        SECONDS_AFTER_DONE, loses its connection. One that stalls holds the
+        worker thread until the read timeout (PROXY_UPSTREAM_TIMEOUT).
         """
+        deadline = time.monotonic() + SECONDS_AFTER_DONE
+        left = CHARACTERS_AFTER_DONE
         try:
-            for _ in itertools.islice(self._lines, LINES_AFTER_DONE):
-                pass
-        except httpx2.HTTPError:
+            for text in self._text:
+                left -= len(text)
+                if left < 0 or time.monotonic() > deadline:
+                    logger.info("Upstream sent too much after [DONE]; closing it.")
+                    return
+        except httpx2.HTTPError as exc:
             # The completion is whole; only the connection is not reused.
-            logger.info("Upstream stream failed after [DONE].")
+            logger.info("Upstream stream failed after [DONE]: %s", type(exc).__name__)
 
     def _parse(self, data: str) -> dict:
         try:
@@ -257,3 +269,22 @@ def event_stream_response(
     for name, value in headers.items():
         response[name] = value
     return response
+
+
+def split_lines(chunks: Iterator[str]) -> Iterator[str]:
+    """Yield the lines of a text stream, split at CRLF, LF or CR as in SSE.
+
+    A CRLF split between two chunks gives one extra empty line, which an
+    event stream ignores.
+    """
+    pending = ""
+    for chunk in chunks:
+        parts = _LINE_BREAK.split(chunk)
+        if len(parts) == 1:
+            pending += chunk
+            continue
+        parts[0] = pending + parts[0]
+        pending = parts.pop()
+        yield from parts
+    if pending:
+        yield pending

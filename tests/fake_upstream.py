@@ -91,6 +91,9 @@ class Behaviour:
     # "data: " (a str as it is, anything else as JSON), then "data: [DONE]".
     # Drops and stalls count these events.
     events: Sequence[object] | None = None
+    # Streams only: this many bytes of comment lines after "data: [DONE]", in
+    # chunks of 1 KiB, before the body ends.
+    trailing_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.status is not None and not 100 <= self.status <= 599:
@@ -100,6 +103,7 @@ class Behaviour:
             "stall_seconds",
             "drop_after_chunks",
             "stall_after_chunks",
+            "trailing_bytes",
         ):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -511,9 +515,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_head(200, headers, behaviour.headers)
 
         upstream = self.server.upstream
+        trailer = b": padding\n" * (behaviour.trailing_bytes // 10)
+        trailing = [
+            trailer[start : start + 1024] for start in range(0, len(trailer), 1024)
+        ]
         # The empty chunk ends the chunked body, so a drop after every event still
         # leaves the body incomplete for the client.
-        for index, event in enumerate([*events, b""]):
+        for index, event in enumerate([*events, *trailing, b""]):
             if index == behaviour.drop_after_chunks:
                 self.close_connection = True
                 return

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from generation.models import QuotaCounter, UsageRecord
+from generation.streaming import split_lines
 from generation.tokens import count_text_tokens
 from keys.models import PromptRule
 from tests.factories import make_key, make_tier
@@ -417,6 +418,21 @@ class TestRules:
         assert upstream.requests[0].json["metadata"] == {"team": "search"}
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param(["data: a\n\ndata: b\n\n"], id="one-chunk"),
+        pytest.param(["da", "ta: a\n", "\nd", "ata: b\n\n"], id="split-lines"),
+        pytest.param(["data: a\r\n\r\ndata: b\r\n\r\n"], id="crlf"),
+        pytest.param(["data: a\r", "\n\r\ndata: b\r\r"], id="crlf-split"),
+        pytest.param(["data: a\n\n", "data: b"], id="no-final-break"),
+    ],
+)
+def test_split_lines_finds_each_line(chunks):
+    lines = [line for line in split_lines(iter(chunks)) if line]
+    assert lines == ["data: a", "data: b"]
+
+
 class TestStreaming:
     def test_stream_without_usage_strips_usage_chunk(self, sdk, upstream):
         chunks = list(create(sdk, stream=True))
@@ -602,6 +618,21 @@ class TestStreaming:
         assert record.status == UsageRecord.Status.SUCCEEDED
         assert day.reserved == 0
         assert day.used == record.total_tokens
+
+    def test_long_tail_after_done_closes_connection(self, sdk, upstream):
+        events = [text_chunk("hello"), finish_chunk()]
+        # Within what the relay reads after [DONE]: the connection is reused.
+        upstream.queue(Behaviour(events=events, trailing_bytes=10_000))
+        list(create(sdk, stream=True))
+        before = upstream.connections_accepted
+        # Past it: the relay stops reading and closes the connection.
+        upstream.queue(Behaviour(events=events, trailing_bytes=500_000))
+        chunks = list(create(sdk, stream=True))
+        list(create(sdk, stream=True))
+
+        assert len(chunks) == 2
+        assert UsageRecord.objects.filter(status="succeeded").count() == 3
+        assert upstream.connections_accepted == before + 1
 
     def test_chunks_arrive_as_produced(self, sdk, upstream):
         upstream.set_default(chunk_delay=0.2)
