@@ -49,7 +49,7 @@ class _SQLRecorder:
             return execute(sql, params, many, context)
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            # A query may hold several statements (see execute_together).
+            # A query may contain several statements (see execute_together).
             parts = [_shape(part) for part in sql.split("; ")]
             self.statements.append(
                 {

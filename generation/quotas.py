@@ -163,9 +163,10 @@ def _execute(
     along_with: Statement | None,
     on_result: Callable[[StatementResult], None] | None,
 ) -> list[StatementResult]:
-    """Run `along_with` (if any), then `statements`; return the results of `statements`.
+    """Run `along_with`, if given, then `statements`.
 
-    `on_result` gets the result of `along_with`.
+    Returns the results of `statements`, and passes the result of
+    `along_with` to `on_result`.
     """
     if along_with is None:
         return execute_together(connection, statements)

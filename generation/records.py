@@ -29,6 +29,8 @@ Statement = tuple[str, list]
 
 @dataclass(frozen=True)
 class StatementResult:
+    """Rows and row count of one statement that execute_together() ran."""
+
     rows: list[tuple]
     rowcount: int
 

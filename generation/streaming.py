@@ -29,8 +29,8 @@ CLIENT_DISCONNECTED = "client_disconnected"
 # Renders an upstream event that check_chunk accepted, with its raw JSON text,
 # as bytes for the client, or None to drop it.
 EventRenderer = Callable[[dict, str], bytes | None]
-# What is read of the upstream body after its [DONE], normally only the
-# chunked body's last bytes, before its connection is closed, not reused.
+# Limits on reading the upstream body after its [DONE], which normally contains
+# only the chunked body's last bytes. Past either, the connection is closed.
 CHARACTERS_AFTER_DONE = 64 * 1024
 SECONDS_AFTER_DONE = 1.0
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -79,7 +79,7 @@ class ChatStreamRelay:
         self.settled = False
         self._text = upstream.iter_text()
         self._lines = split_lines(self._text)
-        # Set when the upstream sent [DONE] and the client got the whole reply.
+        # True once the upstream sent [DONE] and the relay yielded its own.
         self.completed = False
         self._events = self._generate()
 
@@ -175,8 +175,8 @@ class ChatStreamRelay:
         the connection with it. Read to the end, the connection goes back to
         the client's pool for the next call. An upstream that sends more
         than CHARACTERS_AFTER_DONE, or sends for longer than
-        SECONDS_AFTER_DONE, loses its connection. One that stalls holds the
-        worker thread until the read timeout (PROXY_UPSTREAM_TIMEOUT).
+        SECONDS_AFTER_DONE, loses its connection. One that stalls keeps the
+        worker thread waiting until the read timeout (PROXY_UPSTREAM_TIMEOUT).
         """
         deadline = time.monotonic() + SECONDS_AFTER_DONE
         left = CHARACTERS_AFTER_DONE
@@ -184,10 +184,13 @@ class ChatStreamRelay:
             for text in self._text:
                 left -= len(text)
                 if left < 0 or time.monotonic() > deadline:
-                    logger.info("Upstream sent too much after [DONE]; closing it.")
+                    logger.info(
+                        "Upstream sent more than the limit after [DONE], so its "
+                        "connection is closed."
+                    )
                     return
         except httpx2.HTTPError as exc:
-            # The completion is whole; only the connection is not reused.
+            # The completion is whole. Only the connection is not reused.
             logger.info("Upstream stream failed after [DONE]: %s", type(exc).__name__)
 
     def _parse(self, data: str) -> dict:

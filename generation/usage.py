@@ -230,9 +230,9 @@ class UsageTracker:
         try:
             settled, updated = execute_together(connection, [settle, update])
         except DatabaseError:
-            # Neither statement took effect. Charge the call on its own, as
-            # the upstream answered it, because a stream has no error path
-            # that would release the reservation.
+            # Neither statement took effect. Charge the tokens anyway, since
+            # the upstream replied. A stream has no error path that would
+            # release the reservation otherwise.
             self.quota_states = quotas.settle(self.reservation, used_tokens=used_tokens)
             self.reservation = None
             raise

@@ -128,7 +128,7 @@ def test_request_writes_quota_and_record_together(api_client, upstream):
         if "generation_" in query["sql"]
     ]
     # On PostgreSQL, the record goes in with the reservation and is settled
-    # with it: two round trips. Elsewhere each statement is its own.
+    # with it: two round trips. Elsewhere each statement is a query of its own.
     if connection.vendor == "postgresql":
         assert [len(statements) for statements in writes] == [2, 2]
     else:

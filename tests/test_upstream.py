@@ -42,7 +42,7 @@ def test_encoded_body_reaches_upstream(upstream):
     assert request.headers["content-type"] == "application/json"
 
 
-def test_connections_stay_open_for_as_many_calls_as_ran_at_once(upstream):
+def test_concurrent_calls_keep_connections(upstream):
     # More calls at once than the openai client keeps alive by default (100),
     # as a worker with hundreds of threads makes. Connections it closes after
     # one round would be opened again in the next.
