@@ -189,7 +189,7 @@ class ChatStreamRelay:
                         "connection is closed."
                     )
                     return
-        except httpx2.HTTPError as exc:
+        except (httpx2.HTTPError, httpx2.StreamError) as exc:
             # The completion is whole. Only the connection is not reused.
             logger.info("Upstream stream failed after [DONE]: %s", type(exc).__name__)
 

@@ -227,8 +227,10 @@ class UsageTracker:
         record_connection, update = settling_update(self.record)
         if record_connection.alias != connection.alias:
             return False
+        # The record first: the key's counter rows, which all its requests
+        # share, stay locked only from the counters' UPDATE to the commit.
         try:
-            settled, updated = execute_together(connection, [settle, update])
+            updated, settled = execute_together(connection, [update, settle])
         except DatabaseError:
             # Neither statement took effect. Charge the tokens anyway, since
             # the upstream replied. A stream has no error path that would

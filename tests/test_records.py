@@ -138,7 +138,7 @@ def test_request_writes_quota_and_record_together(api_client, upstream):
         for statements in writes
         for statement in statements
     ]
-    assert tables == ["usage", "quota", "quota", "usage"]
+    assert tables == ["usage", "quota", "usage", "quota"]
 
 
 @pytest.mark.django_db(transaction=True)
