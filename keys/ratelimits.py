@@ -66,24 +66,30 @@ def count_request(
     An invalid rate raises ValueError whatever that setting is.
     """
     usages = []
+    # Rates of the same period ("10/m" and "100/60s") share one counter, so
+    # each period is counted once and every rate of it reads that count.
+    counted: dict[int, dict | None] = {}
     for rate in rates:
         limit, period = split_rate(rate)
-        try:
-            usage = get_usage(
-                request,
-                group=group,
-                key=lambda _group, _request: value,
-                rate=f"{_COUNTER_COUNT}/{period}s",
-                increment=increment,
-            )
-        # django-ratelimit raises this for a bad group, key or rate, which
-        # is a programming error and not a cache failure.
-        except ImproperlyConfigured:
-            raise
-        # Each cache backend raises its own errors (redis.ConnectionError,
-        # pymemcache errors, OSError), so any other failure means "cache down".
-        except Exception as exc:  # noqa: BLE001
-            return _cache_failed(group, exc)
+        if period not in counted:
+            try:
+                counted[period] = get_usage(
+                    request,
+                    group=group,
+                    key=lambda _group, _request: value,
+                    rate=f"{_COUNTER_COUNT}/{period}s",
+                    increment=increment,
+                )
+            # django-ratelimit raises this for a bad group, key or rate, which
+            # is a programming error and not a cache failure.
+            except ImproperlyConfigured:
+                raise
+            # Each cache backend raises its own errors (redis.ConnectionError,
+            # pymemcache errors, OSError), so any other failure means "cache
+            # down".
+            except Exception as exc:  # noqa: BLE001
+                return _cache_failed(group, exc)
+        usage = counted[period]
         if usage is None:
             continue  # RATELIMIT_ENABLE is off.
         # django-ratelimit reports a failed cache read as limit 0, time left -1.

@@ -112,6 +112,16 @@ def test_every_window_applies(api_client, upstream, clock):
     assert statuses == [200, 200, 200, 429]
 
 
+def test_same_period_rates_count_once(api_client, upstream, clock):
+    # "60s" and "m" are the same window, which django-ratelimit keeps in one
+    # counter, so each request must add 1 to it and not 1 per rate.
+    _, raw_key = make_key(tier=make_tier("same-period", rate_limits="3/m, 100/60s"))
+    responses = [post(api_client, raw_key) for _ in range(4)]
+    statuses = [response.status_code for response in responses]
+    assert statuses == [200, 200, 200, 429]
+    assert responses[0]["X-RateLimit-Remaining"] == "2"
+
+
 def test_lowered_limit_keeps_requests_counted(api_client, upstream, clock):
     tier = make_tier("ten", rate_limits="10/m")
     _, raw_key = make_key(tier=tier)
