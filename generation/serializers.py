@@ -284,7 +284,8 @@ class ChatCompletionSerializer(RejectUnknownFieldsMixin, serializers.Serializer)
         allow_empty=False,
         max_length=10_000,
     )
-    stream = StrictBooleanField(required=False, default=False)
+    # OpenAI's API takes null as false here, and its SDK sends null for None.
+    stream = StrictBooleanField(required=False, allow_null=True, default=False)
     stream_options = TypedJSONField(
         required=False,
         allow_null=True,

@@ -62,6 +62,13 @@ class TestCompletions:
         assert completion.choices[0].message.content == "echo: hello there"
         assert completion.usage.total_tokens == 5
 
+    def test_null_stream_gets_completion(self, sdk, upstream):
+        # OpenAI's API takes "stream": null as false, and the SDK sends null
+        # for stream=None.
+        completion = create(sdk, stream=None)
+        assert completion.choices[0].message.content == "echo: hello there"
+        assert "stream" not in upstream.requests[0].json
+
     def test_upstream_gets_proxy_key_not_clients(
         self, sdk, upstream, raw_key, settings
     ):
