@@ -10,6 +10,7 @@ from django.utils import timezone
 from .validators import (
     split_list,
     validate_model_list,
+    validate_model_name,
     validate_no_control_characters,
     validate_rate_list,
 )
@@ -153,6 +154,11 @@ class Tier(models.Model):
             validate_model_list(self.allowed_models)
         except ValidationError as exc:
             raise ValidationError({"allowed_models": exc.messages}) from exc
+        if self.default_model:
+            try:
+                validate_model_name(self.default_model)
+            except ValidationError as exc:
+                raise ValidationError({"default_model": exc.messages}) from exc
         allowed = self.allowed_model_list
         if allowed and self.default_model and self.default_model not in allowed:
             raise ValidationError(

@@ -12,6 +12,9 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_RATE_PERIOD = 366 * 86400
 MAX_RATE_COUNT = 1_000_000_000
 _RATE = re.compile(r"^(?P<count>\d+)/(?P<multiplier>\d*)(?P<unit>[smhd])$")
+# The model names that requests may carry in `model`.
+MAX_MODEL_NAME_LENGTH = 128
+_MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
 
 
 def split_list(value: str) -> list[str]:
@@ -36,12 +39,34 @@ def validate_no_control_characters(value: str) -> None:
 
 
 def validate_model_list(value: str) -> None:
-    """Reject a model list that is not empty but names no model, such as ' , ,'."""
-    if value.strip() and not split_list(value):
+    """Reject a model list that is not empty but names no model, such as ' , ,'.
+
+    Each model in it must be a valid model name (see validate_model_name).
+    """
+    models = split_list(value)
+    if value.strip() and not models:
         raise ValidationError(
             f"{value!r} names no model. Give model names separated by commas, "
             "or leave the field empty to allow any model.",
             code="empty_model_list",
+        )
+    for model in models:
+        validate_model_name(model)
+
+
+def validate_model_name(value: str) -> None:
+    """Reject a model name that no request can name.
+
+    Requests are held to the same rule (generation.serializers.ModelNameField).
+    An allowed model that breaks it can never be requested, and a default
+    model that breaks it is sent to the upstream as it is.
+    """
+    if len(value) > MAX_MODEL_NAME_LENGTH or not _MODEL_NAME.fullmatch(value):
+        raise ValidationError(
+            f"{value!r} is not a valid model name: a model name has 1 to "
+            f"{MAX_MODEL_NAME_LENGTH} characters and no whitespace or control "
+            "characters.",
+            code="invalid_model_name",
         )
 
 

@@ -550,6 +550,26 @@ def test_tier_update_without_options_changes_nothing():
             "--allowed-models: ' , ,' names no model",
             id="separators-only",
         ),
+        pytest.param(
+            ["--default-model", " gpt-4o"],
+            "--default-model: ' gpt-4o' is not a valid model name",
+            id="space-in-default-model",
+        ),
+        pytest.param(
+            ["--default-model", "gpt\x01"],
+            "--default-model: 'gpt\\\\x01' is not a valid model name",
+            id="control-in-default-model",
+        ),
+        pytest.param(
+            ["--allowed-models", "gpt-4o, gpt 4o mini"],
+            "--allowed-models: 'gpt 4o mini' is not a valid model name",
+            id="space-in-allowed-model",
+        ),
+        pytest.param(
+            ["--allowed-models", "m" * 200],
+            "--allowed-models: 'm{200}' is not a valid model name",
+            id="long-allowed-model",
+        ),
     ],
 )
 def test_tier_update_rejects_invalid_values(args, message):
