@@ -243,7 +243,6 @@ class ChatStreamRelay:
         A stream that ends before the upstream's first valid event is charged
         nothing, like a call that fails before the stream starts.
         """
-        self.settled = True
         if self.received_events:
             prompt_tokens, completion_tokens = self._used_tokens()
         else:
@@ -255,6 +254,9 @@ class ChatStreamRelay:
             completion_tokens=completion_tokens,
             reason=reason,
         )
+        # Set only once the record is written: when writing it fails, the
+        # error path settles again and saves the record as failed.
+        self.settled = True
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

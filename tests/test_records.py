@@ -240,6 +240,25 @@ def test_failed_settle_still_charges_stream(api_client, upstream, failing_settle
     assert counter.used > 0
 
 
+@pytest.mark.django_db(transaction=True)
+def test_failed_settle_closes_stream_record(api_client, upstream, failing_settle):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    response = _generate(api_client, raw_key, stream=True)
+    b"".join(response.streaming_content)
+    response.close()
+
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    record = UsageRecord.objects.get(api_key=api_key)
+    # The client got an internal_error event, so the record says so, as for
+    # a completion, and shows the tokens charged to the counter.
+    assert record.status == Status.FAILED
+    assert record.reason == "internal_error"
+    assert record.settled_at is not None
+    assert record.total_tokens > 0
+    assert record.total_tokens == counter.used
+
+
 @pytest.fixture
 def failing_reservation():
     """Make the database reject the upsert that reserves quota."""
