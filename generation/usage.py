@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from django.db import DatabaseError, connection
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from keys.models import APIKey
@@ -22,6 +23,8 @@ from . import quotas
 from .models import UsageRecord
 from .policy import PreparedChat
 from .records import (
+    Statement,
+    StatementResult,
     check_settled,
     execute_together,
     insert_record,
@@ -34,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 Status = UsageRecord.Status
 T = TypeVar("T")
+# A statement that saves a usage record, its database, and the function, if
+# any, that takes the statement's result.
+RecordWrite = tuple[
+    BaseDatabaseWrapper, Statement, Callable[[StatementResult], None] | None
+]
 
 
 class UsageTracker:
@@ -118,30 +126,47 @@ class UsageTracker:
         self.quota_states = self.reservation.states
 
     def _reserve(self, amount: int) -> None:
-        """Reserve `amount` and, the first time, insert the record in the same query.
+        """Reserve `amount` and save the record with it in the same query.
 
         The record goes in as the reservation is tried, so a rejected request
-        has its record saved already, with no tokens reserved.
+        has its record saved already, with no tokens reserved. A second
+        attempt writes its own amount to the saved record.
         """
         self.record.reserved_tokens = amount
-        insert = inserting(self.record) if self.record.pk is None else None
+        write = self._in_flight_write()
         try:
-            if insert is None or insert[0].alias != connection.alias:
+            if write is None or write[0].alias != connection.alias:
                 self.reservation = quotas.reserve(api_key=self.api_key, amount=amount)
                 if self.record.pk is None:
                     insert_record(self.record)
+                else:
+                    update_settled_fields(self.record)
                 return
-            _, statement, inserted = insert
+            _, statement, on_result = write
             self.reservation = quotas.reserve(
                 api_key=self.api_key,
                 amount=amount,
                 along_with=statement,
-                on_result=inserted,
+                on_result=on_result,
             )
         except Exception:
             # Rejected or failed, the attempt leaves nothing reserved.
             self.record.reserved_tokens = 0
             raise
+
+    def _in_flight_write(self) -> RecordWrite | None:
+        """Return the statement that saves the record as in flight, and its database.
+
+        The third item, if any, takes the statement's result. Returns None
+        where the record's INSERT cannot go with the reservation (see
+        inserting).
+        """
+        if self.record.pk is None:
+            return inserting(self.record)
+        # No result check here: a record deleted in flight makes the settling
+        # UPDATE fail (check_settled), after the reservation is settled.
+        record_connection, update = settling_update(self.record)
+        return record_connection, update, None
 
     def call_upstream(self, call: Callable[[], T], *, stream: bool = False) -> T:
         """Run the upstream call, timing it for the record and the metrics.

@@ -2,13 +2,17 @@
 
 import datetime
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.db import DatabaseError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from generation.models import QuotaCounter, UsageRecord
+from generation.quotas import period_start
 from generation.records import (
     SETTLED_FIELDS,
     execute_together,
@@ -17,6 +21,7 @@ from generation.records import (
 )
 from keys.models import PromptRule
 from tests.factories import make_key, make_tier
+from tests.fake_upstream import Behaviour
 
 pytestmark = pytest.mark.django_db
 
@@ -257,6 +262,39 @@ def test_failed_settle_closes_stream_record(api_client, upstream, failing_settle
     assert record.settled_at is not None
     assert record.total_tokens > 0
     assert record.total_tokens == counter.used
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retried_reservation_updates_pending_record(upstream):
+    # 400 two-letter words of two-byte letters: the first attempt reserves
+    # one token per UTF-8 byte, about 2,000, which does not fit in the 1,000
+    # left. The exact count, about 800, fits.
+    prompt = " ".join(["\u00e9\u00e9"] * 400)
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=3000))
+    QuotaCounter.objects.create(
+        api_key=api_key,
+        period="day",
+        period_start=period_start("day", timezone.now()),
+        used=2000,
+        reserved=0,
+    )
+    upstream.queue(Behaviour(delay=1.0))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        request = pool.submit(
+            _generate, APIClient(), raw_key, prompt=prompt, max_tokens=10
+        )
+        deadline = time.monotonic() + 5
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        in_flight = UsageRecord.objects.get(api_key=api_key)
+        counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+        response = request.result()
+
+    assert response.status_code == 200
+    assert in_flight.status == Status.PENDING
+    assert 0 < counter.reserved < 1000
+    assert in_flight.reserved_tokens == counter.reserved
 
 
 @pytest.fixture
