@@ -29,7 +29,10 @@ class _Env(environ.Env):
 
 
 env = _Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# The test suite turns this off, so that a .env written for a running proxy
+# cannot point the tests, which empty their Redis database, at its services.
+if env.bool("PROXY_READ_DOTENV", default=True):
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
 

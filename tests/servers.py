@@ -60,7 +60,7 @@ class ProxyServer:
     """One gunicorn process serving the proxy on a free loopback port.
 
     The server inherits the test process's environment with `environment`
-    added, so it reads the same `.env`, cache and settings unless overridden.
+    added, so it uses the same cache and settings unless overridden.
     """
 
     def __init__(self, environment: dict[str, str], *, threads: int = 8) -> None:

@@ -1,11 +1,15 @@
 """Settings for the test suite: the project's settings with test credentials.
 
-DATABASE_URL and CACHE_URL still come from the environment, so the same suite
-runs on SQLite and local memory, or on PostgreSQL and Redis.
+DATABASE_URL and CACHE_URL still come from the environment (not from .env), so
+the same suite runs on SQLite and local memory, or on PostgreSQL and Redis.
 """
 
 import os
 
+# Settings come from the environment only, never from a developer's .env,
+# which may name the services of a running proxy. Servers that tests start
+# inherit this.
+os.environ.setdefault("PROXY_READ_DOTENV", "off")
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 

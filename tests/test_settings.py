@@ -60,3 +60,39 @@ def test_bad_setting_stops_start_with_its_name(env, message):
     result = run_check(**env)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+# Loads the settings and prints how many times they read a .env file.
+_COUNT_DOTENV_READS = """
+import django
+import environ
+
+reads = []
+environ.Env.read_env = lambda *args, **kwargs: reads.append(args)
+django.setup()
+print(len(reads))
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "reads"),
+    [
+        pytest.param("proxy_site.settings", 1, id="proxy"),
+        pytest.param("tests.settings", 0, id="test-suite"),
+    ],
+)
+def test_only_the_proxy_reads_dotenv(module, reads):
+    environment = {
+        name: value for name, value in os.environ.items() if name != "PROXY_READ_DOTENV"
+    }
+    environment.update(DJANGO_SETTINGS_MODULE=module, DEBUG="on")
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_DOTENV_READS],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(reads)
