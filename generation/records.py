@@ -182,10 +182,16 @@ def execute_together(
     Either all of them take effect or none. On PostgreSQL with client-side
     parameter binding (the default of Django's psycopg 3 backend) they go as
     one query, which PostgreSQL runs as one transaction: one round trip.
-    Elsewhere they run one after another in a transaction.
+    Elsewhere they run one after another in a transaction. A single
+    statement runs on its own, with no transaction around it.
     """
     results = []
-    if len(statements) > 1 and _sends_many_in_one_query(connection):
+    if len(statements) == 1:
+        [(sql, params)] = statements
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return [_result(cursor)]
+    if _sends_many_in_one_query(connection):
         sql = "; ".join(sql for sql, _ in statements)
         with connection.cursor() as cursor:
             cursor.execute(sql, [param for _, params in statements for param in params])

@@ -146,6 +146,20 @@ def test_request_writes_quota_and_record_together(api_client, upstream):
     assert tables == ["usage", "quota", "usage", "quota"]
 
 
+def test_single_statement_runs_without_transaction():
+    record = _new_record()
+    insert_record(record)
+    table = UsageRecord._meta.db_table
+    statement = (f"UPDATE {table} SET reason = %s WHERE id = %s", ["one", record.pk])
+
+    with CaptureQueriesContext(connection) as queries:
+        [result] = execute_together(connection, [statement])
+
+    # Inside the test's transaction, a transaction would show as a savepoint.
+    assert [query["sql"][:6] for query in queries.captured_queries] == ["UPDATE"]
+    assert result.rowcount == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_statements_run_together_fail_together():
     record = _new_record()
