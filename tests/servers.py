@@ -26,6 +26,32 @@ READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
+def run_in_project(
+    args: list[str], *, unset: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess:
+    """Run Python with `args` in the project directory and return its output.
+
+    The process inherits this one's environment with the proxy's settings,
+    DEBUG on and `env` added, and without the variables named in `unset`.
+    """
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "proxy_site.settings",
+        "DEBUG": "on",
+        **env,
+    }
+    for name in unset:
+        environment.pop(name, None)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=PROJECT_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def shared_environment(upstream_url: str) -> dict[str, str]:
     """Return the environment that points a server process at the test database.
 

@@ -8,14 +8,10 @@ import contextlib
 import datetime
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import time_machine
@@ -25,11 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from keys.models import PromptRule
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import Behaviour
-from tests.servers import HOST, ProxyServer
+from tests.servers import HOST, ProxyServer, run_in_project
 
 pytestmark = pytest.mark.django_db
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "metrics-token-0123456789abcdef"
 # The frozen time of the rate limit tests: no window ends while they run.
 START = datetime.datetime(2026, 3, 10, 12, 0, 30, tzinfo=datetime.UTC)
@@ -417,23 +412,6 @@ def _scrape_server(server: ProxyServer) -> Samples:
     return parse_samples(_get(server, "/metrics").decode())
 
 
-def run_check(**env: str) -> subprocess.CompletedProcess:
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "proxy_site.settings",
-        "DEBUG": "on",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -458,6 +436,6 @@ def run_check(**env: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_metrics_setting_stops_start(env, message):
-    result = run_check(**env)
+    result = run_in_project(["manage.py", "check"], **env)
     assert result.returncode != 0
     assert message in result.stderr

@@ -7,12 +7,8 @@ formatter and filters, by pointing the handler at a StringIO.
 import io
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -21,10 +17,10 @@ from django.utils.module_loading import import_string
 from keys.models import PromptRule
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import Behaviour
+from tests.servers import run_in_project
 
 pytestmark = pytest.mark.django_db
 
-ROOT = Path(__file__).resolve().parent.parent
 # A plain line: time, level, logger, [request id], message, then key=value fields.
 _PLAIN_LINE = re.compile(
     r"^\S+ \S+ (?P<level>[A-Z]+) (?P<logger>\S+) \[(?P<request_id>[^\]]*)\] "
@@ -251,7 +247,7 @@ class TestJSONFormat:
             "logging.getLogger('django.server').warning('from django.server')\n"
             "logging.getLogger('generation.views').info('from the proxy')\n"
         )
-        result = run_python(script, LOG_FORMAT="json")
+        result = run_in_project(["-c", script], LOG_FORMAT="json")
         entries = [json.loads(line) for line in result.stderr.splitlines()]
         assert result.returncode == 0, result.stderr
         assert [entry["message"] for entry in entries] == [
@@ -261,25 +257,8 @@ class TestJSONFormat:
         ]
 
 
-def run_python(script: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "proxy_site.settings",
-        "DEBUG": "on",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_bad_log_format_stops_start():
-    result = run_python("import django; django.setup()", LOG_FORMAT="xml")
+    result = run_in_project(["-c", "import django; django.setup()"], LOG_FORMAT="xml")
     assert result.returncode != 0
     assert "LOG_FORMAT is 'xml'" in result.stderr
 

@@ -1,28 +1,6 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_check(**env) -> subprocess.CompletedProcess:
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "proxy_site.settings",
-        "DEBUG": "on",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.servers import run_in_project
 
 
 @pytest.mark.parametrize(
@@ -57,7 +35,7 @@ def run_check(**env) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_setting_stops_start_with_its_name(env, message):
-    result = run_check(**env)
+    result = run_in_project(["manage.py", "check"], **env)
     assert result.returncode != 0
     assert message in result.stderr
 
@@ -82,17 +60,10 @@ print(len(reads))
     ],
 )
 def test_only_the_proxy_reads_dotenv(module, reads):
-    environment = {
-        name: value for name, value in os.environ.items() if name != "PROXY_READ_DOTENV"
-    }
-    environment.update(DJANGO_SETTINGS_MODULE=module, DEBUG="on")
-    result = subprocess.run(
-        [sys.executable, "-c", _COUNT_DOTENV_READS],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_in_project(
+        ["-c", _COUNT_DOTENV_READS],
+        unset=("PROXY_READ_DOTENV",),
+        DJANGO_SETTINGS_MODULE=module,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(reads)
