@@ -220,7 +220,7 @@ def render(data: dict) -> str:
         "database connection back to the pool during the upstream call, so the "
         f"pool ({data['pool_size']} connections per worker) does not cap the "
         "calls in flight. A request that waits longer than "
-        "`DATABASE_POOL_TIMEOUT` for a connection fails with 500.",
+        "`DATABASE_POOL_TIMEOUT` for a connection fails with 503.",
         "",
         *tables.slow_table(targets, data["slow_500_many_keys"]),
         "",

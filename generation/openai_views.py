@@ -13,6 +13,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
 from keys.authentication import BearerAPIKeyAuthentication
+from proxy_site.errors import DATABASE_OUTAGES
 
 from . import quotas
 from .policy import prepare_chat
@@ -73,14 +74,21 @@ class OpenAIView(KeyedAPIView):
             ]
             reset = self.rate_limit_headers["X-RateLimit-Reset"]
             headers["x-ratelimit-reset-requests"] = f"{reset}s"
-        api_key = getattr(request, "auth", None)
-        if api_key is None or not quotas.caps(api_key):
+        # The tracker exists once the key is authenticated. Asking the request
+        # for its key instead would authenticate again after a failed attempt.
+        tracker = getattr(self, "tracker", None)
+        if tracker is None or not quotas.caps(tracker.api_key):
             return headers
         # The counters as this request's own reservation or settlement left
         # them; a request that never reached the quota reads them.
-        tracker = getattr(self, "tracker", None)
-        states = tracker.quota_states if tracker is not None else ()
-        tightest = quotas.tightest(states or quotas.current_states(api_key))
+        try:
+            tightest = quotas.tightest(
+                tracker.quota_states or quotas.current_states(tracker.api_key)
+            )
+        except DATABASE_OUTAGES:
+            # Without the database the counters are unknown, and the response
+            # goes out without the token headers.
+            return headers
         headers["x-ratelimit-limit-tokens"] = str(tightest.cap)
         headers["x-ratelimit-remaining-tokens"] = str(tightest.left)
         reset = quotas.seconds_until(tightest.resets_at)

@@ -4,16 +4,24 @@ Every error leaves the proxy in one envelope, the one OpenAI's SDKs parse:
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
+import logging
 import math
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
 INVALID_KEY_MESSAGE = "The API key is missing or invalid."
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean the database is down, unreachable or out of connections,
+# or cancelled a query. psycopg's pool timeout is an OperationalError too.
+DATABASE_OUTAGES = (OperationalError, InterfaceError)
 
 
 class ProxyError(exceptions.APIException):
@@ -93,6 +101,15 @@ class LimitsUnavailable(ProxyError):
         "requests. Try again shortly."
     )
     default_code = "limits_unavailable"
+
+
+class DatabaseUnavailable(ProxyError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = (
+        "The proxy cannot reach its database right now, so it is not serving "
+        "requests. Try again shortly."
+    )
+    default_code = "database_unavailable"
 
 
 class ModelNotAllowed(ProxyError):
@@ -290,11 +307,21 @@ def as_api_exception(exc: BaseException) -> exceptions.APIException | None:
         )
     if isinstance(exc, exceptions.APIException):
         return exc
+    if isinstance(exc, DATABASE_OUTAGES):
+        return DatabaseUnavailable()
     return None
 
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """Render any DRF exception, and Django's 404, in the proxy's error envelope."""
+    if isinstance(exc, DATABASE_OUTAGES):
+        # The client gets only the error code, so the log keeps the driver's
+        # message and the traceback.
+        logger.error(
+            "Database call failed with %s; responding 503 database_unavailable.",
+            type(exc).__name__,
+            exc_info=exc,
+        )
     exc = as_api_exception(exc)
     if exc is None:
         return None

@@ -1,5 +1,7 @@
 """The error envelope, and the usage record of a request whose envelope fails."""
 
+import json
+
 import pytest
 
 from generation import usage
@@ -7,6 +9,7 @@ from generation.models import UsageRecord
 from generation.usage import UsageTracker
 from proxy_site.errors import RateLimitExceeded, UpstreamRateLimited, envelope_for
 from tests.factories import make_key
+from tests.servers import run_in_project
 
 
 @pytest.mark.parametrize(
@@ -41,3 +44,63 @@ def test_failed_envelope_still_settles_record(monkeypatch):
     assert record.http_status == 500
     assert record.reason == "internal_error"
     assert record.settled_at is not None
+
+
+# A client in a separate process, whose database is a port where nothing
+# listens. It prints one JSON line per request: status, headers and body.
+_UNREACHABLE_DATABASE_CLIENT = """
+import json, django
+django.setup()
+from django.test import Client
+from keys.services import SECRET_LENGTH
+key = "sk-abcdefgh-" + "a" * SECRET_LENGTH
+client = Client(raise_request_exception=False)
+chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+for method, path, body, headers in [
+    ("post", "/v1/chat/completions", chat, {"authorization": "Bearer " + key}),
+    ("get", "/v1/models", None, {"authorization": "Bearer " + key}),
+    ("post", "/generate-text/", {"prompt": "hi"}, {"x-api-key": key}),
+]:
+    kwargs = {"data": body, "content_type": "application/json"} if body else {}
+    response = getattr(client, method)(path, headers=headers, **kwargs)
+    print(json.dumps({
+        "path": path,
+        "status": response.status_code,
+        "headers": dict(response.headers),
+        "body": response.content.decode(),
+    }))
+"""
+
+
+@pytest.mark.parametrize("pool", ["off", "on"])
+def test_unreachable_database_gets_503(pool):
+    result = run_in_project(
+        ["-c", _UNREACHABLE_DATABASE_CLIENT],
+        DATABASE_URL="postgres://postgres@127.0.0.1:1/proxy",
+        DATABASE_POOL=pool,
+        DATABASE_CONN_MAX_AGE="0",
+        DATABASE_POOL_MIN_SIZE="0",
+        DATABASE_POOL_TIMEOUT="0.5",
+        # Production settings, so that errors are the API's JSON, not
+        # Django's debug page.
+        DEBUG="off",
+        SECRET_KEY="a-secret-key-for-this-test-only",
+        ALLOWED_HOSTS="testserver",
+        PROXY_READ_DOTENV="off",
+    )
+    responses = [json.loads(line) for line in result.stdout.splitlines()]
+
+    assert result.returncode == 0, result.stderr
+    assert [response["path"] for response in responses] == [
+        "/v1/chat/completions",
+        "/v1/models",
+        "/generate-text/",
+    ]
+    for response in responses:
+        assert response["status"] == 503, response
+        error = json.loads(response["body"])["error"]
+        assert error["code"] == "database_unavailable"
+        assert "127.0.0.1" not in response["body"]
+    # The log keeps what the client does not see.
+    assert "Database call failed with OperationalError" in result.stderr
+    assert "port 1 failed" in result.stderr

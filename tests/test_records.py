@@ -183,17 +183,21 @@ def test_statements_run_together_fail_together():
 
 
 @contextlib.contextmanager
-def _rejecting_trigger(name: str, model, event: str, when: str = ""):
+def _rejecting_trigger(
+    name: str, model, event: str, when: str = "", errcode: str = "P0001"
+):
     """Make the database reject `event` ("UPDATE", "INSERT") on a model's table.
 
     `when`, an SQL condition on NEW, limits the rejection to matching rows.
+    `errcode` is the SQLSTATE that PostgreSQL reports; SQLite has none.
     """
     table = model._meta.db_table
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(
                 f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN "
-                f"RAISE EXCEPTION '{name}'; END $$ LANGUAGE plpgsql"
+                f"RAISE EXCEPTION '{name}' USING ERRCODE = '{errcode}'; "
+                "END $$ LANGUAGE plpgsql"
             )
             condition = f"WHEN ({when}) " if when else ""
             cursor.execute(
@@ -321,4 +325,30 @@ def test_failed_reservation_leaves_one_record(
     assert record.reason == "internal_error"
     assert record.reserved_tokens == 0
     assert not QuotaCounter.objects.filter(api_key=api_key).exists()
+    assert upstream.requests == []
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="SQLite reports no SQLSTATE"
+)
+@pytest.mark.django_db(transaction=True)
+def test_cancelled_reservation_gets_503(api_client, upstream):
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    # 57014 is query_canceled, which the driver raises as an OperationalError,
+    # as it does for a server that shut down or a lost connection.
+    with _rejecting_trigger("cancel_reserve", QuotaCounter, "INSERT", errcode="57014"):
+        response = api_client.post(
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            format="json",
+            headers={"authorization": f"Bearer {raw_key}"},
+        )
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "database_unavailable"
+    [record] = UsageRecord.objects.filter(api_key=api_key)
+    assert record.status == Status.REFUSED
+    assert record.reason == "database_unavailable"
+    assert record.http_status == 503
     assert upstream.requests == []
