@@ -7,6 +7,8 @@ import sys
 import unicodedata
 from collections.abc import Iterable
 
+from confusable_homoglyphs.utils import load as load_confusables_data
+
 # Default-ignorable code points outside category Cf, which is dropped whole:
 # Unicode's Other_Default_Ignorable_Code_Point and Variation_Selector ranges
 # (combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian
@@ -149,8 +151,9 @@ def _ascii_skeletons() -> dict[str, str]:
     confusable-homoglyphs stores each confusable pair in both directions, so the
     ASCII look-alikes of a character are found among its own entries.
     """
-    from confusable_homoglyphs.confusables import confusables_data
-
+    # Importing the data module would keep the data for the life of the
+    # process. Read here, it is freed once the translation table is built.
+    confusables_data = load_confusables_data("confusables.json")
     skeletons = {}
     for char, homoglyphs in confusables_data.items():
         if len(char) != 1 or char.isascii():

@@ -10,6 +10,7 @@ from django.db import DatabaseError
 from keys.checks import check_prompt_rule_patterns
 from keys.models import PromptRule
 from keys.rules import MAX_PATTERN_LENGTH, check_rules, normalize, validate_pattern
+from tests.servers import run_in_project
 
 
 def make_rule(
@@ -381,3 +382,17 @@ def test_allow_rule_must_match_allow_texts():
     )
     assert verdict.allowed is False
     assert verdict.rule == rule
+
+
+def test_folding_table_frees_confusables_data():
+    # A separate process, so that nothing else has imported the data module.
+    script = (
+        "import sys\n"
+        "from keys.normalization import normalize\n"
+        "assert normalize('\\u0440in') == 'pin'\n"
+        "print('confusable_homoglyphs.confusables' in sys.modules)\n"
+    )
+    result = run_in_project(["-c", script], PROXY_READ_DOTENV="off")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
