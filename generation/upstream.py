@@ -84,7 +84,9 @@ def post_json(path: str, body: dict, *, stream: bool = False) -> httpx2.Response
     With `stream`, the body is left unread for the caller to iterate and close.
     """
     content = encode_json_body(body)
-    return get_client().post(path, cast_to=httpx2.Response, body=content, stream=stream)
+    return get_client().post(
+        path, cast_to=httpx2.Response, content=content, stream=stream
+    )
 
 
 def encode_json_body(body: dict) -> bytes:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -40,6 +41,17 @@ def test_encoded_body_reaches_upstream(upstream):
     assert response.status_code == 200
     assert request.json == body
     assert request.headers["content-type"] == "application/json"
+
+
+def test_post_json_avoids_deprecated_body(upstream):
+    # openai 3.63 warns that raw bytes as `body` will be removed in a future
+    # version; the `content` argument (in openai 3.50 too) carries them.
+    body = {"model": "gpt-4o-mini", "messages": HELLO}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        with upstream_errors():
+            response = post_json("/chat/completions", body)
+    assert response.status_code == 200
 
 
 def test_concurrent_calls_keep_connections(upstream):
