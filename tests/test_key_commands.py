@@ -495,6 +495,34 @@ def test_tier_update_changes_only_given_fields():
     assert "tokens_per_day: 5000 -> None" in out
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["tier", "-v", "0", "create", "silver"], id="before-action"),
+        pytest.param(["tier", "create", "silver", "-v", "0"], id="after-action"),
+        pytest.param(
+            ["tier", "create", "silver", "--verbosity", "0", "--traceback"],
+            id="long-options-after-action",
+        ),
+    ],
+)
+def test_tier_create_takes_common_options(args):
+    out, _ = run(*args)
+    assert out == ""
+    assert Tier.objects.filter(name="silver").exists()
+
+
+def test_tier_show_takes_verbosity_after_action():
+    make_tier("gold", rate_limits="10/m")
+    out, _ = run("tier", "show", "gold", "--json", "-v", "0")
+    assert json.loads(out)["rate_limits"] == "10/m"
+
+
+def test_tier_verbosity_after_action_wins():
+    out, _ = run("tier", "-v", "0", "create", "silver", "-v", "1")
+    assert "Created tier 'silver'." in out
+
+
 def test_tier_update_can_clear_text_field():
     make_tier("gold", rate_limits="10/m")
     run("tier", "update", "gold", "--rate-limits", "")

@@ -90,6 +90,42 @@ def _add_field_options(parser: CommandParser) -> None:
     )
 
 
+def _add_common_options(parser: CommandParser) -> None:
+    """Accept Django's common options after the action too (`tier show x -v 0`).
+
+    Django adds them to the command's own parser only, so argparse would reject
+    them after the action. SUPPRESS keeps a value given before the action,
+    or the default, when the option is not repeated after it.
+    """
+    parser.add_argument(
+        "-v",
+        "--verbosity",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=argparse.SUPPRESS,
+        help="Verbosity level. 0 prints only the output that scripts read, and 1 "
+        "(the default) to 3 print the normal output.",
+    )
+    parser.add_argument(
+        "--settings",
+        default=argparse.SUPPRESS,
+        help="The Python path of a settings module, such as proxy_site.settings.",
+    )
+    parser.add_argument(
+        "--pythonpath",
+        default=argparse.SUPPRESS,
+        help="A directory to add to the Python path.",
+    )
+    for option, help_text in [
+        ("--traceback", "Raise on CommandError instead of printing the message."),
+        ("--no-color", "Do not colour the output."),
+        ("--force-color", "Colour the output even when it is not a terminal."),
+    ]:
+        parser.add_argument(
+            option, action="store_true", default=argparse.SUPPRESS, help=help_text
+        )
+
+
 def _describe_errors(error: ValidationError) -> str:
     lines = []
     for field, messages in error.message_dict.items():
@@ -123,6 +159,8 @@ class Command(BaseCommand):
         show = actions.add_parser("show", help="Print a tier's fields.")
         show.add_argument("name", help="The name of the tier to show.")
         show.add_argument("--json", action="store_true", help="Print one JSON object.")
+        for action in (create, update, show):
+            _add_common_options(action)
 
     def handle(self, *args, action: str, name: str, **options) -> None:
         if action == "show":
