@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.urls import path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularJSONAPIView
 
 from generation import health, openai_resources, openai_views, views
@@ -26,8 +27,9 @@ urlpatterns = [
     ),
     path("v1/embeddings", openai_resources.EmbeddingsView.as_view(), name="embeddings"),
     # Unknown /v1/ URLs get OpenAI's error body also while DEBUG is on, when
-    # Django shows its own 404 page instead of handler404.
-    re_path(r"^v1/", error_views.not_found),
+    # Django shows its own 404 page instead of handler404. API clients send
+    # no CSRF token, and the CSRF check would turn a POST's 404 into a 403.
+    re_path(r"^v1/", csrf_exempt(error_views.not_found)),
     path("healthz", views.healthz, name="healthz"),
     path("metrics", metrics.metrics_view, name="metrics"),
     path("readyz", health.readyz, name="readyz"),

@@ -315,6 +315,13 @@ class TestErrors:
             sdk.get("/no-such-thing", cast_to=object)
         assert excinfo.value.code == "unknown_url"
 
+    @pytest.mark.parametrize("path", ["/responses", "/chat/completions/"])
+    def test_post_to_unknown_v1_route_is_404_json(self, sdk, upstream, path):
+        # A POST carries no CSRF token, which must not turn the 404 into a 403.
+        with pytest.raises(openai.NotFoundError) as excinfo:
+            sdk.post(path, body={"model": "gpt-4o-mini"}, cast_to=object)
+        assert excinfo.value.code == "unknown_url"
+
     def test_wrong_method_is_405(self, live_server, raw_key):
         import urllib.request
 
