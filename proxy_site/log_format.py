@@ -12,8 +12,9 @@ import re
 
 # Values made only of these characters are written without quotes. Any other
 # value is quoted and escaped as a JSON string, so that a space, a quote or a
-# newline in a path cannot split a line or forge a field.
-_BARE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
+# newline in a path cannot split a line or forge a field. The whole value
+# must match (fullmatch), because `$` would also accept a trailing newline.
+_BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@+-]+")
 # Keys of the JSON object that every line has. Fields cannot replace them.
 _BASE_KEYS = ("time", "level", "logger", "request_id", "key", "message")
 
@@ -25,7 +26,7 @@ def logfmt_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     text = str(value)
-    if _BARE_VALUE.match(text):
+    if _BARE_VALUE.fullmatch(text):
         return text
     return json.dumps(text)
 

@@ -152,6 +152,14 @@ class TestAccessLine:
         assert line["fields"]["route"] == "unmatched"
         assert "forged" not in line["fields"]
 
+    def test_trailing_newline_path_is_quoted(self, api_client, log_output):
+        api_client.get("/v1/models%0A")
+        lines = log_output.getvalue().splitlines()
+        [line] = access_lines(parse_plain(log_output))
+        assert len(lines) == 1
+        assert line["fields"]["path"] == '"/v1/models\\n"'
+        assert line["fields"]["status"] == "404"
+
 
 class TestStreamLines:
     def test_start_line_then_final_line(self, api_client, upstream, log_output):
