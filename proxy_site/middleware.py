@@ -18,7 +18,8 @@ logger = logging.getLogger("proxy.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's own id is kept only when it is short and cannot break a log line.
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# It must match whole (fullmatch): `$` would also accept a trailing newline.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Error codes are snake_case words, and nothing else found in an error body
 # becomes a metric label.
 _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -122,7 +123,7 @@ class RequestIDMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        if _SANE_REQUEST_ID.match(incoming):
+        if _SANE_REQUEST_ID.fullmatch(incoming):
             request_id = incoming
         else:
             request_id = uuid.uuid4().hex

@@ -94,12 +94,18 @@ def test_sane_client_request_id_is_kept(api_client, upstream):
     assert response["X-Request-ID"] == "trace-42"
 
 
-def test_unsafe_client_request_id_is_replaced(api_client, upstream):
+@pytest.mark.parametrize(
+    "request_id",
+    ["bad id\nx", "trace-42\n", "x" * 129],
+    ids=["inner-newline", "trailing-newline", "too-long"],
+)
+def test_unsafe_client_request_id_is_replaced(api_client, upstream, request_id):
     _, raw_key = make_key()
     response = post(
-        api_client, {"prompt": "hi"}, key=raw_key, HTTP_X_REQUEST_ID="bad id\nx"
+        api_client, {"prompt": "hi"}, key=raw_key, HTTP_X_REQUEST_ID=request_id
     )
-    assert response["X-Request-ID"] != "bad id\nx"
+    assert response.status_code == 200
+    assert response["X-Request-ID"] != request_id
     assert len(response["X-Request-ID"]) == 32
 
 
