@@ -116,6 +116,22 @@ def test_revoke_unknown_prefix_fails():
         run("revoke_key", "ABCDEFGH")
 
 
+@pytest.mark.parametrize("command", ["revoke_key", "rotate_key", "extend_key"])
+@pytest.mark.parametrize(
+    "mangle",
+    [lambda key: key + "x", lambda key: key[:-1], lambda key: key[3:]],
+    ids=["extra-character", "missing-character", "without-sk"],
+)
+def test_mistyped_whole_key_is_not_echoed(command, mangle):
+    _, raw_key = make_key()
+    secret = raw_key.split("-")[2]
+    options = ["--days", "1"] if command == "extend_key" else []
+    with pytest.raises(CommandError) as excinfo:
+        run(command, mangle(raw_key), *options)
+    assert secret[:8] not in str(excinfo.value)
+    assert "manage.py list_keys" in str(excinfo.value)
+
+
 def test_revoke_twice_fails():
     api_key, _ = make_key()
     run("revoke_key", api_key.prefix)

@@ -8,7 +8,7 @@ import json
 from django.core.management.base import CommandError, CommandParser, OutputWrapper
 
 from keys.models import APIKey, Tier
-from keys.services import parse_prefix
+from keys.services import PREFIX_LENGTH, parse_prefix
 
 # Fields of a newly issued or rotated key, in the order of CSV columns.
 ISSUED_FIELDS = ["prefix", "key", "name", "tier", "expires_at"]
@@ -24,6 +24,14 @@ def add_key_argument(parser: CommandParser) -> None:
 def get_key(value: str) -> APIKey:
     """Return the key with the prefix `value`, which may also be the whole key."""
     prefix = parse_prefix(value) or value.removeprefix("sk-")
+    if len(prefix) > PREFIX_LENGTH:
+        # This is likely a mistyped whole key, so repeating it would print its
+        # secret.
+        raise CommandError(
+            f"The argument is neither a key prefix ({PREFIX_LENGTH} characters) "
+            "nor a whole key, and is not repeated here because it may contain "
+            "a secret. List the keys with: manage.py list_keys"
+        )
     try:
         return APIKey.objects.select_related("tier").get(prefix=prefix)
     except APIKey.DoesNotExist as exc:
