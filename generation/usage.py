@@ -270,7 +270,8 @@ class UsageTracker:
 
     def _release(self) -> None:
         if self.reservation is not None:
-            quotas.settle(self.reservation, used_tokens=0)
+            # The error response's token headers read these states.
+            self.quota_states = quotas.settle(self.reservation, used_tokens=0)
             self.reservation = None
 
     def _save(self) -> None:

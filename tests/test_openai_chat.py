@@ -115,6 +115,17 @@ class TestCompletions:
         assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 100_000 - 5
         assert raw.headers["X-RateLimit-Limit"] == "100"
 
+    @pytest.mark.parametrize("status", [400, 500])
+    def test_failed_call_headers_show_released_tokens(self, sdk, upstream, status):
+        upstream.queue(Behaviour(status=status))
+        with pytest.raises(openai.APIStatusError) as excinfo:
+            create(sdk)
+        headers = excinfo.value.response.headers
+        # The failed call was charged nothing and its reservation released.
+        assert QuotaCounter.objects.get(period="day").used == 0
+        assert headers["x-ratelimit-limit-tokens"] == "100000"
+        assert headers["x-ratelimit-remaining-tokens"] == "100000"
+
 
 class TestCostCaps:
     def test_max_tokens_is_capped(self, sdk, upstream, tier):
