@@ -248,10 +248,13 @@ def enforce_key_rates(request: HttpRequest, api_key) -> list[WindowUsage]:
     )
     exceeded = [usage for usage in usages if usage.exceeded]
     if exceeded:
+        # Refused requests count too, so a window with nothing left refuses the
+        # next request even if this one fit it: wait for every such window.
+        used_up = [usage for usage in usages if usage.remaining == 0]
         raise RateLimitExceeded(
             f"This API key is over its rate limit of {exceeded[0].rate}. "
             "Retry after the time in the Retry-After header.",
-            retry_after=max(usage.reset for usage in exceeded),
+            retry_after=max(usage.reset for usage in used_up),
             headers=rate_limit_headers(usages),
         )
     return usages

@@ -112,6 +112,28 @@ def test_every_window_applies(api_client, upstream, clock):
     assert statuses == [200, 200, 200, 429]
 
 
+def test_retry_after_waits_for_every_used_up_window(api_client, upstream, clock):
+    api_key, raw_key = make_key(tier=make_tier("two-windows", rate_limits="2/m, 3/h"))
+    [hour] = count_request(
+        RequestFactory().get("/"),
+        group=KEY_GROUP,
+        value=str(api_key.pk),
+        rates=["3/h"],
+        increment=False,
+    )
+    clock.shift(hour.reset)
+    post(api_client, raw_key)
+    post(api_client, raw_key)
+    # Over the minute's limit, and the refusal uses up the hour's last request.
+    refused = post(api_client, raw_key)
+    assert refused.status_code == 429
+    assert refused["X-RateLimit-Remaining"] == "0"
+    assert refused["Retry-After"] == refused["X-RateLimit-Reset"]
+
+    clock.shift(int(refused["Retry-After"]))
+    assert post(api_client, raw_key).status_code == 200
+
+
 def test_same_period_rates_count_once(api_client, upstream, clock):
     # "60s" and "m" are the same window, which django-ratelimit keeps in one
     # counter, so each request must add 1 to it and not 1 per rate.
