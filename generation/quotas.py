@@ -134,7 +134,9 @@ def reserve(
     if rejected:
         if states:
             _release_counters(api_key.pk, periods, amount, states)
-        period = rejected[0]
+        # The error names the period that resets last, whose reset is the
+        # earliest time a request can fit in every rejected period.
+        period = max(rejected, key=lambda name: period_end(name, now))
         start, cap = periods[period]
         raise _quota_exceeded(api_key, period, start, cap, amount, now)
     return Reservation(

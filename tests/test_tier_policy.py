@@ -369,6 +369,27 @@ class TestQuota:
         assert record.reason == "insufficient_quota"
         assert record.reserved_tokens == 0
 
+    def test_both_periods_used_up_waits_for_month(self, api_client, upstream, clock):
+        clock.move_to(datetime.datetime(2026, 3, 15, 12, 0, tzinfo=datetime.UTC))
+        tier = make_tier("two-caps", max_tokens_cap=10)
+        tier.tokens_per_day = tier.tokens_per_month = 10 * worst_case(tier)
+        tier.save()
+        api_key, raw_key = make_key(tier=tier)
+        for period, start in [("day", 15), ("month", 1)]:
+            QuotaCounter.objects.create(
+                api_key=api_key,
+                period=period,
+                period_start=datetime.date(2026, 3, start),
+                used=tier.tokens_per_day,
+            )
+
+        response = post(api_client, raw_key)
+
+        assert response.status_code == 429
+        # The day's reset alone would not let a request through.
+        assert response.json()["error"]["quota_period"] == "month"
+        assert int(response["Retry-After"]) == (16 * 24 + 12) * 3600
+
     def test_day_ends_at_utc_midnight(self):
         now = datetime.datetime(2026, 12, 31, 15, 30, tzinfo=datetime.UTC)
         assert period_end("day", now) == datetime.datetime(
