@@ -4,7 +4,7 @@ import io
 import re
 
 from django.conf import settings
-from rest_framework.exceptions import ParseError
+from rest_framework.exceptions import ParseError, UnsupportedMediaType
 from rest_framework.parsers import JSONParser
 
 from proxy_site.errors import RequestTooLarge
@@ -24,12 +24,15 @@ class LimitedJSONParser(JSONParser):
     through `request.body`, where Django applies DATA_UPLOAD_MAX_MEMORY_SIZE
     (set to the same value). This check keeps the limit when a test or a
     later DRF passes the stream instead. It also rejects lone surrogates and
-    nesting deeper than MAX_JSON_DEPTH, with ParseError (400 invalid_json).
+    nesting deeper than MAX_JSON_DEPTH, with ParseError (400 invalid_json),
+    and a compressed body (see reject_content_encoding).
     """
 
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.PROXY_MAX_REQUEST_BYTES
         request = (parser_context or {}).get("request")
+        if request is not None:
+            reject_content_encoding(request.META.get("HTTP_CONTENT_ENCODING", ""))
         declared = request.META.get("CONTENT_LENGTH") if request is not None else None
         if declared and declared.isdigit() and int(declared) > limit:
             raise RequestTooLarge(
@@ -58,6 +61,21 @@ class LimitedJSONParser(JSONParser):
                 "surrogate escape (from \\ud800 to \\udfff), which is not text."
             )
         return parsed
+
+
+def reject_content_encoding(encoding: str) -> None:
+    """Raise UnsupportedMediaType (415) for a body sent with a content coding.
+
+    The proxy does not decompress bodies, and would otherwise report a
+    compressed body as malformed JSON.
+    """
+    if encoding.strip().lower() in ("", "identity"):
+        return
+    raise UnsupportedMediaType(
+        encoding,
+        detail=f"The request body has Content-Encoding {encoding!r}, which the "
+        "proxy does not accept. Send the JSON body uncompressed.",
+    )
 
 
 # JSON decodes a surrogate pair escape into one character, but leaves a lone

@@ -1,11 +1,12 @@
 """The JSON parser: nesting depth and lone surrogates, at any depth."""
 
+import gzip
 import json
 
 import pytest
 
 from generation.parsers import MAX_JSON_DEPTH, exceeds_depth, has_lone_surrogate
-from tests.factories import make_key
+from tests.factories import make_key, make_tier
 
 URL = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "hi"}]
@@ -120,3 +121,35 @@ def test_exceeds_depth_works_at_any_depth():
         value = [value]
     assert exceeds_depth(value, MAX_JSON_DEPTH)
     assert not exceeds_depth(value, 10_000)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("encoding", ["gzip", "br", "GZIP, identity"])
+def test_compressed_body_is_unsupported(api_client, upstream, encoding):
+    _, raw_key = make_key(tier=make_tier(rate_limits="60/m"))
+    body = json.dumps({"model": "gpt-4o-mini", "messages": HELLO})
+    response = api_client.post(
+        URL,
+        gzip.compress(body.encode()),
+        content_type="application/json",
+        headers={"x-api-key": raw_key, "Content-Encoding": encoding},
+    )
+    error = response.json()["error"]
+    assert response.status_code == 415
+    assert error["code"] == "unsupported_media_type"
+    assert "uncompressed" in error["message"]
+    assert response["X-RateLimit-Limit"] == "60"
+    assert upstream.requests == []
+
+
+@pytest.mark.django_db
+def test_identity_content_encoding_is_served(api_client, upstream):
+    _, raw_key = make_key()
+    body = json.dumps({"model": "gpt-4o-mini", "messages": HELLO})
+    response = api_client.post(
+        URL,
+        body,
+        content_type="application/json",
+        headers={"x-api-key": raw_key, "Content-Encoding": "identity"},
+    )
+    assert response.status_code == 200
