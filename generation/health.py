@@ -7,8 +7,10 @@ from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_safe
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
+
+from proxy_site.error_views import method_not_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +50,16 @@ def check_cache() -> bool:
 
 
 @extend_schema(exclude=True)
+@csrf_exempt
 @never_cache
-@require_safe
 def readyz(request: HttpRequest) -> JsonResponse:
     """Return 200 when the database and the cache work, else 503 naming the failure.
 
     Needs no key. The body names only which check failed; the error itself,
     with any host name, goes to the log.
     """
+    if request.method not in ("GET", "HEAD"):
+        return method_not_allowed(request, ["GET", "HEAD"])
     checks = {
         "database": "ok" if check_database() else "failed",
         "cache": "ok" if check_cache() else "failed",

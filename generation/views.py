@@ -11,7 +11,8 @@ from rest_framework.views import APIView
 
 from keys.authentication import APIKeyAuthentication, HasAPIKey
 from keys.ratelimits import enforce_key_rates, rate_limit_headers
-from proxy_site.errors import LengthRequired, RateLimitExceeded, error_body
+from proxy_site.error_views import method_not_allowed
+from proxy_site.errors import LengthRequired, RateLimitExceeded
 
 from .parsers import LimitedJSONParser
 from .schema import GENERATE_TEXT_RESPONSE, error_responses
@@ -134,12 +135,5 @@ class GenerateTextView(KeyedAPIView):
 def healthz(request: HttpRequest) -> JsonResponse:
     """Report that the process is up; checks nothing else, needs no key."""
     if request.method not in ("GET", "HEAD"):
-        body = error_body(
-            f"Method {request.method} is not allowed; use GET.",
-            code="method_not_allowed",
-            error_type="invalid_request_error",
-        )
-        response = JsonResponse(body, status=405)
-        response["Allow"] = "GET, HEAD"
-        return response
+        return method_not_allowed(request, ["GET", "HEAD"])
     return JsonResponse({"status": "ok"})

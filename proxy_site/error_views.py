@@ -29,6 +29,18 @@ def not_found(request: HttpRequest, exception=None) -> HttpResponse:
     )
 
 
+def method_not_allowed(request: HttpRequest, allowed: list[str]) -> JsonResponse:
+    """Return 405 with an Allow header, for views outside DRF."""
+    body = error_body(
+        f"Method {request.method} is not allowed; use {' or '.join(allowed)}.",
+        code="method_not_allowed",
+        error_type="invalid_request_error",
+    )
+    response = JsonResponse(body, status=405)
+    response["Allow"] = ", ".join(allowed)
+    return response
+
+
 def server_error(request: HttpRequest) -> HttpResponse:
     if request.path.startswith(ADMIN_PREFIX):
         return defaults.server_error(request)

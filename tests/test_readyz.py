@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.db import connection
+from django.test import Client
 
 from tests.servers import HOST, ProxyServer
 
@@ -42,10 +43,15 @@ def test_readyz_not_cached(client):
 
 
 @pytest.mark.django_db
-def test_readyz_rejects_post(client):
-    response = client.post("/readyz")
+@pytest.mark.parametrize("path", ["/readyz", "/healthz"])
+def test_probe_rejects_post_with_405(path):
+    # A POST carries no CSRF token, which must not turn the 405 into a 403.
+    client = Client(enforce_csrf_checks=True)
+    response = client.post(path)
 
     assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
+    assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 @pytest.mark.django_db
