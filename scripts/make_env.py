@@ -22,6 +22,9 @@ def main() -> int:
         elif line.startswith("DEBUG="):
             line = "DEBUG=on"
         lines.append(line)
+    # Only the owner may read the file, because it contains the secret key and
+    # the operator adds the upstream's API key to it.
+    target.touch(mode=0o600)
     target.write_text("\n".join(lines) + "\n")
     print(
         f"Wrote {target} for development (DEBUG=on, new SECRET_KEY).", file=sys.stderr
