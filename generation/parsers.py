@@ -1,5 +1,6 @@
 """A JSON parser that rejects bodies over the configured size or nesting depth."""
 
+import codecs
 import io
 import re
 
@@ -55,7 +56,13 @@ class LimitedJSONParser(JSONParser):
                 f"JSON parse error - arrays and objects may nest at most "
                 f"{MAX_JSON_DEPTH} levels deep."
             )
-        if SURROGATE_ESCAPE.search(data) and has_lone_surrogate(parsed):
+        # SURROGATE_ESCAPE matches the escape's bytes in UTF-8 (and ASCII)
+        # only, so a body in another charset is always walked.
+        encoding = (parser_context or {}).get("encoding") or "utf-8"
+        maybe_surrogate = (
+            SURROGATE_ESCAPE.search(data) or codecs.lookup(encoding).name != "utf-8"
+        )
+        if maybe_surrogate and has_lone_surrogate(parsed):
             raise ParseError(
                 "JSON parse error - a string contains an unpaired UTF-16 "
                 "surrogate escape (from \\ud800 to \\udfff), which is not text."

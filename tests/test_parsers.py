@@ -153,3 +153,29 @@ def test_identity_content_encoding_is_served(api_client, upstream):
         headers={"x-api-key": raw_key, "Content-Encoding": "identity"},
     )
     assert response.status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("charset", ["utf-16", "utf-32"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": HELLO}),
+        ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+    ],
+    ids=["chat", "embeddings"],
+)
+def test_lone_surrogate_in_other_charset_is_invalid_json(
+    api_client, upstream, charset, path, body
+):
+    # The escape's bytes differ in these charsets, but it decodes the same.
+    text = json.dumps(body).replace('"hi"', '"hi \\ud800"')
+    response = api_client.post(
+        path,
+        text.encode(charset),
+        content_type=f"application/json; charset={charset}",
+        headers={"x-api-key": make_key()[1]},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert upstream.requests == []
