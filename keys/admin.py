@@ -15,6 +15,7 @@ from generation.policy import evaluate_prompt
 from . import key_admin  # noqa: F401
 from .forms import TryPromptForm
 from .models import PromptRule, Tier
+from .signals import touch_tiers
 
 
 @admin.register(PromptRule)
@@ -154,6 +155,14 @@ class TierAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).annotate(key_count=Count("api_keys"))
+
+    def save_related(self, request, form, formsets, change) -> None:
+        super().save_related(request, form, formsets, change)
+        # The rules inline saves and deletes the tier's links to rules as rows
+        # of the through model. Django sends no signal for those, so the
+        # receivers in keys.signals do not raise the tier's rules version.
+        if any(formset.has_changed() for formset in formsets):
+            touch_tiers(Tier.objects.filter(pk=form.instance.pk))
 
     @admin.display(description="keys", ordering="key_count")
     def key_count(self, tier: Tier) -> int:

@@ -2,6 +2,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from keys.models import PromptRule
+from keys.rules import tier_rules
 from tests.factories import make_tier
 
 pytestmark = pytest.mark.django_db
@@ -112,6 +113,28 @@ def test_tier_inline_detaches_rule_and_keeps_it(admin_client):
     assert response.status_code == 302
     assert list(tier.rules.all()) == []
     assert PromptRule.objects.filter(pk=rule.pk).exists()
+
+
+def test_tier_inline_changes_reach_workers(admin_client):
+    tier = make_tier("gold")
+    rule = make_rule()
+    # A worker has read the tier's rules before the change.
+    assert tier_rules(tier) == []
+
+    admin_client.post(
+        f"/admin/keys/tier/{tier.pk}/change/",
+        tier_form(tier, [{"promptrule": rule.pk}]),
+    )
+    tier.refresh_from_db()
+    assert tier_rules(tier) == [rule]
+
+    link = tier.rules.through.objects.get(tier=tier, promptrule=rule)
+    admin_client.post(
+        f"/admin/keys/tier/{tier.pk}/change/",
+        tier_form(tier, [{"id": link.pk, "promptrule": rule.pk, "DELETE": True}]),
+    )
+    tier.refresh_from_db()
+    assert tier_rules(tier) == []
 
 
 def test_tier_inline_rejects_duplicate_rule(admin_client):
