@@ -1,5 +1,7 @@
 """The process-wide openai client, and the map from its errors to API errors."""
 
+import datetime
+import email.utils
 import json
 import logging
 import math
@@ -137,7 +139,7 @@ def _retry_after(exc: openai.APIStatusError) -> float:
         if "retry-after-ms" in headers:
             seconds = float(headers["retry-after-ms"]) / 1000
         elif "retry-after" in headers:
-            seconds = float(headers["retry-after"])
+            seconds = _seconds_from_retry_after(headers["retry-after"])
         else:
             return DEFAULT_UPSTREAM_RETRY_AFTER
     except ValueError:
@@ -145,6 +147,21 @@ def _retry_after(exc: openai.APIStatusError) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         return DEFAULT_UPSTREAM_RETRY_AFTER
     return seconds
+
+
+def _seconds_from_retry_after(value: str) -> float:
+    """Return the seconds a Retry-After value asks for: a number or an HTTP date.
+
+    Raises ValueError when it is neither.
+    """
+    try:
+        return float(value)
+    except ValueError:
+        moment = email.utils.parsedate_to_datetime(value)
+    if moment.tzinfo is None:
+        # RFC 9110 dates are in GMT; a date without a zone is read as UTC.
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return (moment - datetime.datetime.now(datetime.UTC)).total_seconds()
 
 
 def _is_quota_exhausted(exc: openai.RateLimitError) -> bool:

@@ -1,3 +1,5 @@
+import datetime
+import email.utils
 import json
 import logging
 
@@ -352,6 +354,9 @@ def test_upstream_rate_limit_passes_retry_after(api_client, upstream):
         pytest.param({"retry-after": "-5"}, id="negative"),
         pytest.param({"retry-after": "soon"}, id="not-numeric"),
         pytest.param({"retry-after-ms": "1e400"}, id="milliseconds-overflow"),
+        pytest.param(
+            {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, id="date-in-past"
+        ),
     ],
 )
 def test_unusable_upstream_retry_after_gets_default(api_client, upstream, headers):
@@ -364,6 +369,17 @@ def test_unusable_upstream_retry_after_gets_default(api_client, upstream, header
     record = UsageRecord.objects.get(api_key=api_key)
     assert record.status == "failed"
     assert record.reason == "upstream_rate_limited"
+
+
+def test_upstream_retry_after_date_is_converted(api_client, upstream):
+    # RFC 9110 allows an HTTP date as well as a number of seconds.
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=90)
+    date = email.utils.format_datetime(moment, usegmt=True)
+    upstream.queue(Behaviour(status=429, headers={"retry-after": date}))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 503
+    assert 85 <= int(response["Retry-After"]) <= 90
 
 
 def test_upstream_retry_after_ms_is_rounded_up(api_client, upstream):
