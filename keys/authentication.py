@@ -11,10 +11,12 @@ from .ratelimits import check_failed_attempts, record_failed_attempt
 from .services import find_usable_key
 
 
-def _read_key(request: Request) -> str | None:
-    header_key = request.headers.get("x-api-key")
-    if header_key:
-        return header_key.strip()
+def _header_key(request: Request) -> str | None:
+    header_key = request.headers.get("x-api-key", "").strip()
+    return header_key or None
+
+
+def _bearer_key(request: Request) -> str | None:
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
@@ -29,8 +31,12 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
     gets 403 because `authenticate_header` returns nothing.
     """
 
+    def read_key(self, request: Request) -> str | None:
+        """Return the key from `x-api-key`, or else from `Authorization: Bearer`."""
+        return _header_key(request) or _bearer_key(request)
+
     def authenticate(self, request: Request) -> tuple[None, APIKey] | None:
-        raw_key = _read_key(request)
+        raw_key = self.read_key(request)
         if raw_key is None:
             return None
         # An address that sent too many wrong keys is refused before its key
@@ -47,7 +53,14 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
 
 
 class BearerAPIKeyAuthentication(APIKeyAuthentication):
-    """The same check, responding with 401 and `WWW-Authenticate: Bearer`."""
+    """The same check, responding with 401 and `WWW-Authenticate: Bearer`.
+
+    `Authorization: Bearer` is the header that OpenAI's SDKs send, so its key
+    is the one checked when a request carries both.
+    """
+
+    def read_key(self, request: Request) -> str | None:
+        return _bearer_key(request) or _header_key(request)
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="api"'

@@ -64,6 +64,17 @@ def test_bearer_header_is_accepted(api_client, upstream):
     assert response.status_code == 200
 
 
+def test_x_api_key_wins_over_bearer(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client,
+        {"prompt": "hi"},
+        key=raw_key,
+        HTTP_AUTHORIZATION="Bearer sk-wrong",
+    )
+    assert response.status_code == 200
+
+
 def test_optional_fields_are_forwarded(api_client, upstream):
     _, raw_key = make_key()
     body = {"prompt": "hi", "model": "gpt-4o", "max_tokens": 7, "temperature": 0.5}

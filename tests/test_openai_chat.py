@@ -203,6 +203,15 @@ class TestErrors:
         )
         assert create(client).choices[0].message.content == "echo: hello there"
 
+    def test_bearer_key_wins_over_x_api_key(self, live_server, upstream, raw_key):
+        client = openai.OpenAI(
+            base_url=live_server.url + "/v1",
+            api_key=raw_key,
+            default_headers={"x-api-key": "sk-wrong"},
+            max_retries=0,
+        )
+        assert create(client).choices[0].message.content == "echo: hello there"
+
     def test_disallowed_model_raises_permission_denied(self, sdk, upstream, tier):
         tier.allowed_models = "gpt-4o-mini"
         tier.save()
