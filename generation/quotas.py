@@ -19,7 +19,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from keys.models import APIKey
-from proxy_site.errors import QuotaExceeded
+from proxy_site.errors import QuotaExceeded, RequestOverQuota
 
 from .models import QuotaCounter, UsageRecord
 from .records import Statement, StatementResult, execute_together
@@ -266,17 +266,18 @@ def quota_exceeded_error(
     resets_at = period_end(period, now)
     label = "daily" if period == Period.DAY else "monthly"
     if amount > cap:
-        # Waiting cannot help a request that is larger than the whole quota.
-        advice = "Lower max_tokens or shorten the prompt; waiting will not help."
-    else:
-        advice = (
-            f"Lower max_tokens or wait until the quota resets at "
-            f"{resets_at.isoformat()}."
+        return RequestOverQuota(
+            f"This request may use up to {amount} tokens (prompt plus "
+            f"max_tokens), more than this API key's whole {label} token quota "
+            f"of {cap}. Lower max_tokens or shorten the prompt; waiting will "
+            "not help.",
+            extra={"quota_period": period},
         )
     return QuotaExceeded(
         f"This API key's {label} token quota has {left} of {cap} tokens left, "
         f"and this request may use up to {amount} (prompt plus max_tokens). "
-        f"{advice}",
+        f"Lower max_tokens or wait until the quota resets at "
+        f"{resets_at.isoformat()}.",
         retry_after=(resets_at - now).total_seconds(),
         extra={"quota_period": period, "quota_resets_at": resets_at.isoformat()},
     )

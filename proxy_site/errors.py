@@ -94,6 +94,18 @@ class QuotaExceeded(ProxyError):
     error_type = "insufficient_quota"
 
 
+class RequestOverQuota(QuotaExceeded):
+    """A request whose worst case is larger than a whole period's token quota.
+
+    Waiting for the quota to reset cannot help, so it is a 400 without
+    `Retry-After`, which clients do not retry.
+    """
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "invalid_request"
+    error_type = "invalid_request_error"
+
+
 class LimitsUnavailable(ProxyError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = (

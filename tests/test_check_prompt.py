@@ -74,7 +74,7 @@ def test_too_long_prompt_is_reported():
 def test_worst_case_over_cap_is_reported():
     make_tier("tiny", tokens_per_day=10, max_tokens_cap=100)
     out = run_refused("--tier", "tiny", "hello")
-    assert "REFUSED (insufficient_quota)" in out
+    assert "REFUSED (invalid_request)" in out
     assert "daily cap of 10" in out
 
 
@@ -99,4 +99,4 @@ def test_blank_prompt_is_refused_as_invalid():
 def test_quota_message_matches_api():
     make_tier("tiny", tokens_per_day=10, max_tokens_cap=100)
     out = run_refused("--tier", "tiny", "hello")
-    assert "has 10 of 10 tokens left" in out
+    assert "whole daily token quota of 10." in out

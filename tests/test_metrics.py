@@ -16,8 +16,11 @@ from collections.abc import Iterator
 import pytest
 import time_machine
 from django.http import HttpResponseBase
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
+from generation.models import QuotaCounter
+from generation.quotas import period_start
 from keys.models import PromptRule
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import Behaviour
@@ -211,8 +214,14 @@ def _rate_limited(client) -> tuple[str, int]:
 
 
 def _over_quota(client) -> tuple[str, int]:
-    tier = make_tier("refuse-quota", tokens_per_day=5)
-    _, raw_key = make_key(tier=tier)
+    tier = make_tier("refuse-quota", tokens_per_day=100)
+    api_key, raw_key = make_key(tier=tier)
+    QuotaCounter.objects.create(
+        api_key=api_key,
+        period=QuotaCounter.Period.DAY,
+        period_start=period_start("day", timezone.now()),
+        used=100,
+    )
     return tier.name, generate(client, raw_key, max_tokens=50).status_code
 
 

@@ -153,10 +153,13 @@ class TestCostCaps:
         tier.max_tokens_cap = 100
         tier.tokens_per_day = 250
         tier.save()
-        with pytest.raises(openai.RateLimitError) as excinfo:
+        # One choice's worst case fits in 250 tokens, and three do not.
+        create(sdk, n=1)
+        with pytest.raises(openai.BadRequestError) as excinfo:
             create(sdk, n=3)
-        assert excinfo.value.code == "insufficient_quota"
-        assert upstream.requests == []
+        assert excinfo.value.code == "invalid_request"
+        assert "whole daily token quota of 250" in excinfo.value.message
+        assert len(upstream.requests) == 1
 
 
 class TestUpstreamIsFixed:

@@ -286,12 +286,12 @@ class TestEmbeddingUsage:
         assert UsageRecord.objects.get().prompt_tokens == expected
         assert QuotaCounter.objects.get(period="day").used == expected
 
-    def test_quota_exceeded_is_429(self, sdk, upstream, tier):
+    def test_input_over_whole_quota_is_400(self, sdk, upstream, tier):
         tier.tokens_per_day = 2
         tier.save()
-        with pytest.raises(openai.RateLimitError) as excinfo:
+        with pytest.raises(openai.BadRequestError) as excinfo:
             embed(sdk, input="one two three four five")
-        assert excinfo.value.code == "insufficient_quota"
+        assert excinfo.value.code == "invalid_request"
         assert upstream.requests == []
 
     def test_upstream_failure_is_502(self, sdk, upstream):

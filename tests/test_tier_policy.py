@@ -224,11 +224,15 @@ class TestMaxTokensAndSystemPrompt:
 
 
 class TestQuota:
-    def test_request_over_daily_cap_is_refused(self, api_client, upstream, clock):
-        tier = make_tier("tiny", max_tokens_cap=10)
-        tier.tokens_per_day = worst_case(tier) - 1
-        tier.save()
-        _, raw_key = make_key(tier=tier)
+    def test_request_over_daily_quota_left_is_429(self, api_client, upstream, clock):
+        tier = make_tier("tiny", max_tokens_cap=10, tokens_per_day=1000)
+        api_key, raw_key = make_key(tier=tier)
+        QuotaCounter.objects.create(
+            api_key=api_key,
+            period=QuotaCounter.Period.DAY,
+            period_start=START.date(),
+            used=1000 - worst_case(tier) + 1,
+        )
         response = post(api_client, raw_key)
         error = response.json()["error"]
         assert response.status_code == 429
@@ -237,16 +241,20 @@ class TestQuota:
         assert int(response["Retry-After"]) == 3600
         assert upstream.requests == []
 
-    def test_request_over_whole_cap_says_waiting_fails(
-        self, api_client, upstream, clock
-    ):
+    def test_request_over_whole_cap_is_400(self, api_client, upstream, clock):
         tier = make_tier("tiny", max_tokens_cap=10)
         tier.tokens_per_day = worst_case(tier) - 1
         tier.save()
         _, raw_key = make_key(tier=tier)
-        message = post(api_client, raw_key).json()["error"]["message"]
-        assert "waiting will not help" in message
-        assert "wait until" not in message
+        response = post(api_client, raw_key)
+        error = response.json()["error"]
+        assert response.status_code == 400
+        assert "Retry-After" not in response
+        assert error["code"] == "invalid_request"
+        assert error["quota_period"] == "day"
+        assert "waiting will not help" in error["message"]
+        assert "wait until" not in error["message"]
+        assert upstream.requests == []
 
     def test_monthly_cap_resets_on_first_of_month(self, api_client, upstream, clock):
         tier = make_tier("monthly", max_tokens_cap=10)
@@ -283,7 +291,9 @@ class TestQuota:
         api_key, raw_key = make_key(tier=tier)
         api_key.tokens_per_day = 1
         api_key.save()
-        assert post(api_client, raw_key).status_code == 429
+        response = post(api_client, raw_key)
+        assert response.status_code == 400
+        assert "whole daily token quota of 1." in response.json()["error"]["message"]
 
     def test_failed_upstream_call_releases_reservation(
         self, api_client, upstream, clock
