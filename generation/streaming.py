@@ -75,7 +75,8 @@ class ChatStreamRelay:
         # Events accepted from the upstream. Error events and malformed
         # events are not counted.
         self.received_events = 0
-        self.finished = False
+        # The indexes of the choices whose finish_reason has arrived.
+        self.finished_choices: set[int] = set()
         self.settled = False
         self._text = upstream.iter_text()
         self._lines = split_lines(self._text)
@@ -142,7 +143,11 @@ class ChatStreamRelay:
             if rendered is not None:
                 yield rendered
         if not self.finished:
-            logger.warning("Upstream stream ended before a finish_reason.")
+            logger.warning(
+                "Upstream stream ended with %d of %d choices finished.",
+                len(self.finished_choices),
+                self.chat.choices,
+            )
             raise UpstreamError()
         usage = self._settle(Status.SUCCEEDED, 200, "")
         if self.finish is not None:
@@ -222,8 +227,14 @@ class ChatStreamRelay:
             delta = choice.get("delta")
             if delta:
                 self.completion_text.extend(generated_texts(delta))
-            if choice.get("finish_reason"):
-                self.finished = True
+            index = choice.get("index", 0)
+            if choice.get("finish_reason") and isinstance(index, int):
+                self.finished_choices.add(index)
+
+    @property
+    def finished(self) -> bool:
+        """Return whether every requested choice has its finish_reason."""
+        return len(self.finished_choices) >= self.chat.choices
 
     def _used_tokens(self) -> tuple[int, int]:
         """Return the upstream's usage, or the proxy's own count without it."""

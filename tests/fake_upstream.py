@@ -244,12 +244,16 @@ def _chat_completion(
     return completion
 
 
-def _stream_events(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
+def _stream_events(
+    completion: dict[str, Any], include_usage: bool, choices: int = 1
+) -> list[bytes]:
     """Split a chat completion into server-sent events, ending with ``[DONE]``.
 
     Each word of the reply is one chat.completion.chunk, and the first chunk also
     carries the role. A chunk with finish_reason follows, then a usage-only chunk with
-    empty choices if ``include_usage`` is true and the completion has usage.
+    empty choices if ``include_usage`` is true and the completion has usage. With
+    ``choices`` above 1 the reply is streamed once per choice index, one after the
+    other.
     """
     choice = completion["choices"][0]
     words = choice["message"]["content"].split(" ")
@@ -259,13 +263,17 @@ def _stream_events(completion: dict[str, Any], include_usage: bool) -> list[byte
     if include_usage:
         base["usage"] = None
 
-    def chunk(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None}
+    def chunk(
+        index: int, delta: dict[str, str], finish_reason: str | None
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None}
         return {**base, "choices": [{**choice, "finish_reason": finish_reason}]}
 
-    chunks = [chunk({"role": "assistant", "content": pieces[0]}, None)]
-    chunks += [chunk({"content": piece}, None) for piece in pieces[1:]]
-    chunks.append(chunk({}, choice["finish_reason"]))
+    chunks = []
+    for index in range(choices):
+        chunks.append(chunk(index, {"role": "assistant", "content": pieces[0]}, None))
+        chunks += [chunk(index, {"content": piece}, None) for piece in pieces[1:]]
+        chunks.append(chunk(index, {}, choice["finish_reason"]))
     if include_usage and "usage" in completion:
         chunks.append({**base, "choices": [], "usage": completion["usage"]})
 
@@ -477,7 +485,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             options = payload.get("stream_options") or {}
             include_usage = isinstance(options, dict) and options.get("include_usage")
             if behaviour.events is None:
-                events = _stream_events(completion, include_usage is True)
+                choices = payload.get("n")
+                events = _stream_events(
+                    completion,
+                    include_usage is True,
+                    choices if isinstance(choices, int) and choices > 1 else 1,
+                )
             else:
                 events = _scripted_events(behaviour.events)
             self._send_stream(events, behaviour, settings.chunk_delay)

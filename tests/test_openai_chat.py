@@ -543,6 +543,36 @@ class TestStreaming:
         assert "did not answer in time" in excinfo.value.message
         assert UsageRecord.objects.get().reason == "upstream_timeout"
 
+    def test_stream_relays_every_choice(self, sdk, upstream, tier):
+        tier.max_choices = 2
+        tier.save()
+        chunks = list(create(sdk, stream=True, n=2))
+        texts = {0: "", 1: ""}
+        for received in chunks:
+            for choice in received.choices:
+                texts[choice.index] += choice.delta.content or ""
+        assert texts == {0: "echo: hello there", 1: "echo: hello there"}
+        assert UsageRecord.objects.get().status == UsageRecord.Status.SUCCEEDED
+
+    def test_stream_with_unfinished_choice_fails(self, sdk, upstream, tier):
+        tier.max_choices = 2
+        tier.save()
+        # The second choice never gets its finish_reason before [DONE].
+        events = [
+            text_chunk("hi"),
+            finish_chunk(),
+            chunk(index=1, delta={"content": "yo"}),
+        ]
+        upstream.queue(Behaviour(events=events))
+        stream = create(sdk, stream=True, n=2)
+        received = []
+        with pytest.raises(openai.APIError) as excinfo:
+            for item in stream:
+                received.append(item)
+        assert len(received) == 3
+        assert excinfo.value.body["code"] == "upstream_error"
+        _assert_failed_and_settled("upstream_error", 502)
+
     @pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
     def test_malformed_first_event_ends_with_error_event(
         self, sdk, upstream, malformed
