@@ -9,6 +9,7 @@ import json
 
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.utils import extend_schema
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
@@ -53,9 +54,20 @@ def _passthrough_event(event: dict, raw: str) -> bytes:
     return sse(raw)
 
 
+class JSONResponseNegotiation(DefaultContentNegotiation):
+    """Content negotiation that picks JSON for any Accept header, as OpenAI does.
+
+    Request bodies are still parsed by their content type.
+    """
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
 class OpenAIView(KeyedAPIView):
     authentication_classes = [BearerAPIKeyAuthentication]
     renderer_classes = [JSONRenderer]
+    content_negotiation_class = JSONResponseNegotiation
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)

@@ -206,6 +206,16 @@ class TestErrors:
         )
         assert create(client).choices[0].message.content == "echo: hello there"
 
+    @pytest.mark.parametrize("accept", ["text/html", "text/plain", "image/png"])
+    def test_any_accept_header_gets_json(self, live_server, upstream, raw_key, accept):
+        client = openai.OpenAI(
+            base_url=live_server.url + "/v1",
+            api_key=raw_key,
+            default_headers={"Accept": accept},
+            max_retries=0,
+        )
+        assert create(client).choices[0].message.content == "echo: hello there"
+
     def test_bearer_key_wins_over_x_api_key(self, live_server, upstream, raw_key):
         client = openai.OpenAI(
             base_url=live_server.url + "/v1",
