@@ -248,12 +248,20 @@ class _KeyLookup:
             column[0].target.attname for column in select[self.key_columns]
         ]
         self.populators = get_related_populators(klass_info, select, using)
+        # The converters depend only on the selected columns, so they are
+        # found once here, where results_iter() would find them on each run.
+        columns = [column[0] for column in select[: self.compiler.col_count]]
+        if self.compiler.has_composite_fields(columns):
+            raise RuntimeError("The key lookup does not expect composite fields.")
+        self.converters = self.compiler.get_converters(columns)
 
     def fetch(self, prefix: str) -> APIKey | None:
         with connections[self.using].cursor() as cursor:
             cursor.execute(self.sql, [prefix])
             rows = cursor.fetchmany(1)
-        for row in self.compiler.results_iter(results=[rows]):
+        if self.converters:
+            rows = self.compiler.apply_converters(rows, self.converters)
+        for row in rows:
             api_key = APIKey.from_db(
                 self.using, self.key_attnames, row[self.key_columns]
             )

@@ -139,6 +139,20 @@ def test_lookup_matches_orm_loading(django_assert_num_queries):
     assert found._state.db == stored._state.db
 
 
+def test_lookup_matches_orm_values():
+    api_key, raw_key = make_key(expires_in_days=3)
+    found = find_usable_key(raw_key)
+    expected = APIKey.objects.select_related("tier").get(pk=api_key.pk)
+    for model, instance, loaded in [
+        (APIKey, found, expected),
+        (Tier, found.tier, expected.tier),
+    ]:
+        for field in model._meta.concrete_fields:
+            name = field.attname
+            assert getattr(instance, name) == getattr(loaded, name), name
+            assert type(getattr(instance, name)) is type(getattr(loaded, name)), name
+
+
 def test_lookup_sees_key_and_tier_changes():
     api_key, raw_key = make_key()
     assert find_usable_key(raw_key).tier.tokens_per_day != 123
