@@ -9,9 +9,10 @@ import datetime
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.helpers import ActionForm
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME, ActionForm
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html_join
 from django.utils.safestring import mark_safe
@@ -213,15 +214,67 @@ class APIKeyAdmin(admin.ModelAdmin):
             level=messages.WARNING,
         )
 
+    def _confirmation(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet,
+        *,
+        action: str,
+        verb: str,
+        consequence: str,
+    ) -> TemplateResponse | None:
+        """Return the confirmation page for the action, or None once confirmed.
+
+        Revoking is final and rotating replaces the secret that clients hold,
+        so neither runs on the first click.
+        """
+        if request.POST.get("confirm") == "yes":
+            return None
+        carried = [
+            (name, request.POST[name])
+            for name in ("grace_minutes", "days")
+            if name in request.POST
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{verb.capitalize()} API keys?",
+            "opts": self.model._meta,
+            "keys": list(queryset),
+            "action": action,
+            "verb": verb,
+            "consequence": consequence,
+            "carried_fields": carried,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(
+            request, "admin/keys/apikey/confirm_action.html", context
+        )
+
     @admin.action(description="Rotate selected API keys (new secret, shown once)")
-    def rotate_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def rotate_selected(
+        self, request: HttpRequest, queryset: QuerySet
+    ) -> TemplateResponse | None:
         try:
             minutes = _read_number(
                 request, "grace_minutes", default=0, low=0, high=MAX_GRACE_MINUTES
             )
         except ValueError as exc:
             self.message_user(request, str(exc), level=messages.ERROR)
-            return
+            return None
+        if minutes:
+            old_keys = f"Their old secrets keep working for {minutes} minutes."
+        else:
+            old_keys = "Their old secrets stop working at once."
+        page = self._confirmation(
+            request,
+            queryset,
+            action="rotate_selected",
+            verb="rotate",
+            consequence="These API keys get new secrets, shown once on the next "
+            f"page. {old_keys}",
+        )
+        if page is not None:
+            return page
         grace = datetime.timedelta(minutes=minutes)
         for api_key in queryset:
             try:
@@ -232,6 +285,7 @@ class APIKeyAdmin(admin.ModelAdmin):
             self.message_user(
                 request, _rotation_message(api_key, raw_key), level=messages.WARNING
             )
+        return None
 
     @admin.action(
         description="Extend expiry of selected API keys (by the days given, default 30)"
@@ -271,9 +325,22 @@ class APIKeyAdmin(admin.ModelAdmin):
         self.message_user(request, message)
 
     @admin.action(description="Revoke selected API keys")
-    def revoke_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def revoke_selected(
+        self, request: HttpRequest, queryset: QuerySet
+    ) -> TemplateResponse | None:
+        page = self._confirmation(
+            request,
+            queryset,
+            action="revoke_selected",
+            verb="revoke",
+            consequence="These API keys stop working at once. Revocation is "
+            "final: a revoked key cannot be restored or rotated.",
+        )
+        if page is not None:
+            return page
         revoked = sum(revoke_key(api_key=api_key) for api_key in queryset)
         self.message_user(request, f"Revoked {revoked} API key(s).")
+        return None
 
 
 def _rotation_message(api_key: APIKey, raw_key: str) -> str:

@@ -20,8 +20,12 @@ LIST_URL = "/admin/keys/apikey/"
 
 
 def run_action(client, action: str, keys: list[APIKey], **fields) -> str:
-    """Run an admin action on `keys` and return the page it redirects to."""
-    data = {"action": action, "_selected_action": [key.pk for key in keys]}
+    """Run an admin action on `keys`, confirmed, and return the page it redirects to."""
+    data = {
+        "action": action,
+        "_selected_action": [key.pk for key in keys],
+        "confirm": "yes",
+    }
     response = client.post(LIST_URL, {**data, **fields}, follow=True)
     assert response.status_code == 200
     return html.unescape(response.content.decode())
@@ -71,7 +75,7 @@ def test_admin_search_and_state_filter(admin_client):
     gone, _ = make_key(name="revoked-one")
     admin_client.post(
         "/admin/keys/apikey/",
-        {"action": "revoke_selected", "_selected_action": [gone.pk]},
+        {"action": "revoke_selected", "_selected_action": [gone.pk], "confirm": "yes"},
     )
     found = admin_client.get("/admin/keys/apikey/?q=findme").content.decode()
     assert "findme" in found
@@ -85,18 +89,68 @@ def test_admin_revoke_action(admin_client):
     api_key, raw_key = make_key()
     response = admin_client.post(
         "/admin/keys/apikey/",
-        {"action": "revoke_selected", "_selected_action": [api_key.pk]},
+        {
+            "action": "revoke_selected",
+            "_selected_action": [api_key.pk],
+            "confirm": "yes",
+        },
         follow=True,
     )
     assert "Revoked 1 API key(s)." in response.content.decode()
     assert find_usable_key(raw_key) is None
 
 
+def _hidden_fields(page: str) -> list[tuple[str, str]]:
+    return re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)
+
+
+@pytest.mark.parametrize("action", ["revoke_selected", "rotate_selected"])
+def test_action_waits_for_confirmation(admin_client, action):
+    api_key, raw_key = make_key(name="kept")
+    first = admin_client.post(
+        LIST_URL, {"action": action, "_selected_action": [api_key.pk]}
+    )
+    page = first.content.decode()
+    assert first.status_code == 200
+    assert "kept" in page
+    assert "No, take me back" in page
+    assert find_usable_key(raw_key) is not None
+
+
+def test_confirmation_form_carries_grace(admin_client):
+    api_key, old_key = make_key()
+    first = admin_client.post(
+        LIST_URL,
+        {
+            "action": "rotate_selected",
+            "_selected_action": [api_key.pk],
+            "grace_minutes": "10",
+        },
+    )
+    fields = _hidden_fields(first.content.decode())
+    data: dict[str, list[str]] = {}
+    for name, value in fields:
+        data.setdefault(name, []).append(value)
+    assert data["confirm"] == ["yes"]
+
+    response = admin_client.post(LIST_URL, data, follow=True)
+
+    page = html.unescape(response.content.decode())
+    [new_key] = KEY_PATTERN.findall(page)
+    assert find_usable_key(new_key).pk == api_key.pk
+    # The grace period given on the first page applies.
+    assert find_usable_key(old_key).pk == api_key.pk
+
+
 def test_revoked_key_is_read_only_in_admin(admin_client):
     api_key, _ = make_key(name="frozen")
     admin_client.post(
         "/admin/keys/apikey/",
-        {"action": "revoke_selected", "_selected_action": [api_key.pk]},
+        {
+            "action": "revoke_selected",
+            "_selected_action": [api_key.pk],
+            "confirm": "yes",
+        },
     )
     page = admin_client.get(f"/admin/keys/apikey/{api_key.pk}/change/").content.decode()
     assert 'name="name"' not in page
