@@ -695,6 +695,17 @@ def test_tier_show_table():
     assert fields["description"] == ""
 
 
+def test_tier_show_table_escapes_control_characters():
+    make_tier("gold", description="two\nlines \x1b[31mred", system_prompt="Be brief.")
+    out, _ = run("tier", "show", "gold")
+    [description] = [
+        line for line in out.splitlines() if line.startswith("description")
+    ]
+    assert "\x1b" not in out
+    assert description.endswith("'two\\nlines \\x1b[31mred'")
+    assert "  Be brief." in out
+
+
 def test_tier_requires_subcommand():
     with pytest.raises(CommandError, match="required"):
         run("tier")

@@ -248,5 +248,9 @@ class Command(BaseCommand):
             elif isinstance(value, list):
                 text = ", ".join(value)
             else:
-                text = value
+                text = str(value)
+            if not text.isprintable():
+                # A newline would break the layout, and an escape sequence
+                # would reach the operator's terminal.
+                text = repr(text)
             self.stdout.write(f"{field.ljust(width)}  {text}".rstrip())
