@@ -341,11 +341,19 @@ if env.bool("DATABASE_POOL", default=False):
             "connection goes back to the pool after each request; set "
             "DATABASE_CONN_MAX_AGE=0 or turn DATABASE_POOL off."
         )
+    _POOL_TIMEOUT = env.float("DATABASE_POOL_TIMEOUT", default=10.0)
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
         "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
         # Seconds a request waits for a free connection before it fails.
-        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+        "timeout": _POOL_TIMEOUT,
+        # psycopg_pool (3.3) retries a failed connection after delays that
+        # double (1, 2, 4 ... s) until reconnect_timeout (default 300 s), and
+        # starts no other connection for waiting requests meanwhile. After an
+        # outage of a minute or two, requests would fail for about as long
+        # again once the database is back. Giving up after one request's wait
+        # lets the next waiting request start a new attempt at once.
+        "reconnect_timeout": _POOL_TIMEOUT,
     }
 
 # HTTPS. The defaults suit a server reached over plain HTTP on a private

@@ -1,15 +1,22 @@
 """The production configuration: deploy checks, gunicorn settings, pooling, static."""
 
+import json
 import os
 import runpy
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.test import Client
+
+from tests.servers import HOST, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONFIG = PROJECT_ROOT / "gunicorn.conf.py"
@@ -98,7 +105,12 @@ def test_pool_options_from_environment():
     result = _database_settings(DATABASE_POOL_MAX_SIZE="7", DATABASE_POOL_TIMEOUT="3")
 
     assert result.returncode == 0, result.stderr
-    assert '"pool": {"min_size": 2, "max_size": 7, "timeout": 3.0}' in result.stdout
+    assert json.loads(result.stdout)["pool"] == {
+        "min_size": 2,
+        "max_size": 7,
+        "timeout": 3.0,
+        "reconnect_timeout": 3.0,
+    }
 
 
 def test_pool_off_by_default():
@@ -173,3 +185,92 @@ def test_admin_static_served_after_collectstatic(settings, tmp_path):
 
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/css")
+
+
+@pytest.fixture
+def postgres_address() -> tuple[str, int]:
+    """Return the test database server's host and port, or skip without one."""
+    database = django_settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.postgresql":
+        return database["HOST"] or HOST, int(database["PORT"] or 5432)
+    reason = f"Needs PostgreSQL, but the settings use {database['ENGINE']}."
+    if os.environ.get("PROXY_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} PROXY_REQUIRE_SERVICES=1 forbids skipping.")
+    pytest.skip(reason)
+
+
+class _Relay(socketserver.ThreadingTCPServer):
+    """Forward every connection on a loopback port to `target`, both ways."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.target = target
+        super().__init__((HOST, port), _RelayHandler)
+
+
+class _RelayHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        with socket.create_connection(self.server.target) as upstream:
+            pump = threading.Thread(
+                target=_pump, args=(upstream, self.request), daemon=True
+            )
+            pump.start()
+            _pump(self.request, upstream)
+            pump.join()
+
+
+def _pump(source: socket.socket, destination: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            destination.sendall(data)
+        destination.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+# Seconds the database stays unreachable. With psycopg_pool's default
+# reconnect_timeout, its retry delays (1, 2, 4 s) put the next connection
+# attempt at about 7 s, well after the database is back.
+OUTAGE_SECONDS = 4.0
+
+
+def test_pool_reconnects_soon_after_outage(transactional_db, postgres_address):
+    from psycopg_pool import ConnectionPool, PoolTimeout
+
+    result = _database_settings(DATABASE_POOL_TIMEOUT="0.5")
+    assert result.returncode == 0, result.stderr
+    options = json.loads(result.stdout)["pool"]
+    port = free_port()
+    database = django_settings.DATABASES["default"]
+    pool = ConnectionPool(
+        kwargs={
+            "host": HOST,
+            "port": port,
+            "dbname": database["NAME"],
+            "user": database["USER"],
+            "password": database["PASSWORD"],
+        },
+        open=False,
+        **options,
+    )
+    pool.open(wait=False)
+    relay = None
+    try:
+        # Nothing listens on the port: every request waits and fails.
+        deadline = time.monotonic() + OUTAGE_SECONDS
+        while time.monotonic() < deadline:
+            with pytest.raises(PoolTimeout):
+                pool.getconn()
+        relay = _Relay(port, postgres_address)
+        threading.Thread(target=relay.serve_forever, daemon=True).start()
+
+        connection = pool.getconn()
+
+        pool.putconn(connection)
+    finally:
+        pool.close()
+        if relay is not None:
+            relay.shutdown()
+            relay.server_close()
