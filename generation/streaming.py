@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 import httpx2
 from django.http import StreamingHttpResponse
 
-from proxy_site.errors import ProxyError, UpstreamError, UpstreamTimeout, error_body
+from proxy_site.errors import (
+    DATABASE_OUTAGES,
+    DatabaseUnavailable,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
 
 from .models import UsageRecord
 from .policy import PreparedChat
@@ -78,6 +85,9 @@ class ChatStreamRelay:
         # The indexes of the choices whose finish_reason has arrived.
         self.finished_choices: set[int] = set()
         self.settled = False
+        # The failure that ended the stream, which close() records if the
+        # database could not record it when it happened.
+        self.failure: ProxyError | None = None
         self._text = upstream.iter_text()
         self._lines = split_lines(self._text)
         # True once the upstream sent [DONE] and the relay yielded its own.
@@ -93,7 +103,7 @@ class ChatStreamRelay:
         try:
             self._events.close()
             if not self.settled:
-                self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+                self._settle_at_close()
             elif self.completed:
                 # The server has sent the client the whole response by now,
                 # so reading the upstream's last bytes delays no one.
@@ -101,6 +111,24 @@ class ChatStreamRelay:
         finally:
             self.upstream.close()
             self.tracker.end_upstream_stream()
+
+    def _settle_at_close(self) -> None:
+        """Settle a stream that lost its client, or whose failure is unrecorded.
+
+        A failure is unrecorded when the database was unreachable as the
+        stream failed. The client has its error event by now, so trying
+        again here delays no one.
+        """
+        try:
+            if self.failure is None:
+                self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+            else:
+                self._settle_failure(self.failure)
+        except DATABASE_OUTAGES:
+            logger.exception(
+                "Recording the stream's usage failed, so its reserved tokens "
+                "stay reserved."
+            )
 
     def _generate(self) -> Iterator[bytes]:
         try:
@@ -114,21 +142,46 @@ class ChatStreamRelay:
             logger.info("Client disconnected from a stream; upstream request closed.")
             raise
         except ProxyError as exc:
-            self._settle(Status.FAILED, exc.status_code, exc.default_code)
-            yield error_event(exc)
+            yield self._fail(exc)
+        except DATABASE_OUTAGES:
+            # Settling the finished stream failed. Trying again at once would
+            # keep the client waiting as long again, so close() tries again
+            # after the client has its error event.
+            logger.exception(
+                "Recording the stream's usage failed, so closing the response "
+                "tries again."
+            )
+            self.failure = DatabaseUnavailable()
+            yield error_event(self.failure)
         except Exception:
             # A fault in the proxy itself: the response has started, so it
             # cannot become a 500. The stream ends with an internal_error event,
             # and the record and quota are settled like any other failure.
             logger.exception("Stream relay failed.")
-            failure = ProxyError()
-            if not self.settled:
-                self._settle(Status.FAILED, failure.status_code, failure.default_code)
-            yield error_event(failure)
+            yield self._fail(ProxyError())
         finally:
             if not self.completed:
                 self.upstream.close()
             self.tracker.end_upstream_stream()
+
+    def _fail(self, failure: ProxyError) -> bytes:
+        """Settle the stream as failed and return the error event that ends it.
+
+        The event goes out even when the database cannot record the failure.
+        """
+        self.failure = failure
+        if not self.settled:
+            try:
+                self._settle_failure(failure)
+            except DATABASE_OUTAGES:
+                logger.exception(
+                    "Recording the stream's failure failed, so closing the "
+                    "response tries again."
+                )
+        return error_event(failure)
+
+    def _settle_failure(self, failure: ProxyError) -> None:
+        self._settle(Status.FAILED, failure.status_code, failure.default_code)
 
     def _relay_events(self) -> Iterator[bytes]:
         for data in self._upstream_data():

@@ -5,8 +5,10 @@ import logging
 
 import pytest
 from django.conf import settings
+from django.db import OperationalError
 
-from generation.models import UsageRecord
+from generation import quotas, records, usage
+from generation.models import QuotaCounter, UsageRecord
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
 from tests.replies import (
@@ -578,6 +580,85 @@ def test_stream_fault_in_proxy_ends_with_error(
     assert record.http_status == 500
     assert record.reason == "internal_error"
     assert record.completion_tokens > 0
+
+
+class DatabaseOutage:
+    """Make the usage record and quota statements fail while `down` is true.
+
+    They raise OperationalError, as when the database is unreachable or no
+    pooled connection comes free in time.
+    """
+
+    def __init__(self, monkeypatch) -> None:
+        self.down = False
+        self.failed_statements = 0
+        self._execute_together = records.execute_together
+        for module in (records, usage, quotas):
+            monkeypatch.setattr(module, "execute_together", self._execute)
+
+    def _execute(self, connection, statements):
+        if self.down:
+            self.failed_statements += 1
+            raise OperationalError("connection to the database failed")
+        return self._execute_together(connection, statements)
+
+
+def read_events_through_outage(response, outage: DatabaseOutage) -> list[str]:
+    """Read a stream, with the database down from the first event to the error."""
+    events = []
+    for chunk in response.streaming_content:
+        events.append(chunk.decode().removeprefix("data: ").rstrip("\n"))
+        outage.down = "error" not in events[-1]
+    return events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stream_settled_in_outage_ends_with_error(api_client, upstream, monkeypatch):
+    outage = DatabaseOutage(monkeypatch)
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    response = post(api_client, {"prompt": "one two", "stream": True}, key=raw_key)
+    events = read_events_through_outage(response, outage)
+
+    errors = [event for event in events if "error" in event]
+    assert len(errors) == 1
+    assert json.loads(events[-1])["error"]["code"] == "database_unavailable"
+    assert "[DONE]" not in events
+    # The combined statement and the quota's own: no third try before the
+    # client gets its event.
+    assert outage.failed_statements == 2
+    # Closing the response, with the database back, records the stream.
+    record = UsageRecord.objects.get(api_key=api_key)
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == "database_unavailable"
+    assert record.http_status == 503
+    assert record.total_tokens > 0
+    assert counter.used == record.total_tokens
+    assert counter.reserved == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stream_failing_in_outage_ends_with_error(api_client, upstream, monkeypatch):
+    outage = DatabaseOutage(monkeypatch)
+    upstream.queue(Behaviour(drop_after_chunks=2))
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    response = post(api_client, {"prompt": "one two", "stream": True}, key=raw_key)
+    events = read_events_through_outage(response, outage)
+
+    errors = [event for event in events if "error" in event]
+    assert len(errors) == 1
+    assert json.loads(events[-1])["error"]["code"] == "upstream_error"
+    assert "[DONE]" not in events
+    record = UsageRecord.objects.get(api_key=api_key)
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == "upstream_error"
+    assert record.http_status == 502
+    assert record.total_tokens > 0
+    assert counter.used == record.total_tokens
+    assert counter.reserved == 0
 
 
 def test_stream_refusal_is_plain_error(api_client, upstream):
