@@ -27,12 +27,17 @@ STOP_TIMEOUT = 10.0
 
 
 def run_in_project(
-    args: list[str], *, unset: tuple[str, ...] = (), **env: str
+    args: list[str],
+    *,
+    unset: tuple[str, ...] = (),
+    timeout: float = 60,
+    **env: str,
 ) -> subprocess.CompletedProcess:
     """Run Python with `args` in the project directory and return its output.
 
     The process inherits this one's environment with the proxy's settings,
     DEBUG on and `env` added, and without the variables named in `unset`.
+    Raises subprocess.TimeoutExpired after `timeout` seconds.
     """
     environment = {
         **os.environ,
@@ -48,7 +53,7 @@ def run_in_project(
         env=environment,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 

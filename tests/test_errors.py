@@ -1,6 +1,8 @@
 """The error envelope, and the usage record of a request whose envelope fails."""
 
 import json
+import socket
+import subprocess
 
 import pytest
 
@@ -9,7 +11,7 @@ from generation.models import UsageRecord
 from generation.usage import UsageTracker
 from proxy_site.errors import RateLimitExceeded, UpstreamRateLimited, envelope_for
 from tests.factories import make_key
-from tests.servers import run_in_project
+from tests.servers import HOST, run_in_project
 
 
 @pytest.mark.parametrize(
@@ -104,3 +106,43 @@ def test_unreachable_database_gets_503(pool):
     # The log keeps what the client does not see.
     assert "Database call failed with OperationalError" in result.stderr
     assert "port 1 failed" in result.stderr
+
+
+# Seconds the client process may take. Without a connect timeout it would
+# wait for the silent database forever.
+SILENT_DATABASE_RUN_TIMEOUT = 30
+
+
+def test_silent_database_gets_503():
+    # The kernel accepts connections to a listening socket, so the client
+    # connects, then waits for a response that never comes.
+    with socket.socket() as silent:
+        silent.bind((HOST, 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        try:
+            result = run_in_project(
+                ["-c", _UNREACHABLE_DATABASE_CLIENT],
+                timeout=SILENT_DATABASE_RUN_TIMEOUT,
+                DATABASE_URL=f"postgres://postgres@{HOST}:{port}/proxy",
+                DATABASE_CONNECT_TIMEOUT="2",
+                DATABASE_POOL="off",
+                DATABASE_CONN_MAX_AGE="0",
+                DEBUG="off",
+                SECRET_KEY="a-secret-key-for-this-test-only",
+                ALLOWED_HOSTS="testserver",
+                PROXY_READ_DOTENV="off",
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"Requests waited more than {SILENT_DATABASE_RUN_TIMEOUT} s "
+                "for a database that does not respond."
+            )
+    responses = [json.loads(line) for line in result.stdout.splitlines()]
+
+    assert result.returncode == 0, result.stderr
+    assert len(responses) == 3
+    for response in responses:
+        assert response["status"] == 503, response
+        error = json.loads(response["body"])["error"]
+        assert error["code"] == "database_unavailable"
