@@ -270,8 +270,11 @@ class UsageTracker:
 
     def _release(self) -> None:
         if self.reservation is not None:
-            # The error response's token headers read these states.
-            self.quota_states = quotas.settle(self.reservation, used_tokens=0)
+            # The record's tokens are 0 unless settling them failed after the
+            # upstream replied. Then they are charged here, as the record
+            # shows them. The error response's token headers read the states.
+            used = self.record.prompt_tokens + self.record.completion_tokens
+            self.quota_states = quotas.settle(self.reservation, used_tokens=used)
             self.reservation = None
 
     def _save(self) -> None:

@@ -9,6 +9,7 @@ from django.db import OperationalError
 
 from generation import quotas, records, usage
 from generation.models import QuotaCounter, UsageRecord
+from generation.usage import UsageTracker
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
 from tests.replies import (
@@ -591,13 +592,16 @@ class DatabaseOutage:
 
     def __init__(self, monkeypatch) -> None:
         self.down = False
+        # Statements that fail next, whether or not the database is down.
+        self.failures_left = 0
         self.failed_statements = 0
         self._execute_together = records.execute_together
         for module in (records, usage, quotas):
             monkeypatch.setattr(module, "execute_together", self._execute)
 
     def _execute(self, connection, statements):
-        if self.down:
+        if self.down or self.failures_left:
+            self.failures_left = max(0, self.failures_left - 1)
             self.failed_statements += 1
             raise OperationalError("connection to the database failed")
         return self._execute_together(connection, statements)
@@ -656,6 +660,32 @@ def test_stream_failing_in_outage_ends_with_error(api_client, upstream, monkeypa
     assert record.status == UsageRecord.Status.FAILED
     assert record.reason == "upstream_error"
     assert record.http_status == 502
+    assert record.total_tokens > 0
+    assert counter.used == record.total_tokens
+    assert counter.reserved == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_completion_settled_in_outage_is_charged(api_client, upstream, monkeypatch):
+    outage = DatabaseOutage(monkeypatch)
+    succeed = UsageTracker.succeed
+
+    def succeed_in_outage(self, **tokens):
+        # The outage ends after the combined statement and the quota's own
+        # statement have failed.
+        outage.failures_left = 2
+        succeed(self, **tokens)
+
+    monkeypatch.setattr(UsageTracker, "succeed", succeed_in_outage)
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    response = post(api_client, {"prompt": "one two"}, key=raw_key)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "database_unavailable"
+    record = UsageRecord.objects.get(api_key=api_key)
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    assert record.status == UsageRecord.Status.FAILED
     assert record.total_tokens > 0
     assert counter.used == record.total_tokens
     assert counter.reserved == 0
