@@ -138,7 +138,13 @@ class ChatStreamRelay:
                 raise
             # The client went away: stop reading upstream (closing the
             # response ends the upstream request) and charge what it generated.
-            self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+            try:
+                self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
+            except DATABASE_OUTAGES:
+                logger.exception(
+                    "Recording the stream's usage failed, so closing the response "
+                    "tries again."
+                )
             logger.info("Client disconnected from a stream; upstream request closed.")
             raise
         except ProxyError as exc:

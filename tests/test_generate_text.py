@@ -6,10 +6,12 @@ import logging
 import pytest
 from django.conf import settings
 from django.db import OperationalError
+from django.test import RequestFactory
 
 from generation import quotas, records, usage
 from generation.models import QuotaCounter, UsageRecord
 from generation.usage import UsageTracker
+from generation.views import GenerateTextView
 from tests.factories import make_key, make_tier
 from tests.fake_upstream import INTERNAL_DETAIL, Behaviour
 from tests.replies import (
@@ -660,6 +662,36 @@ def test_stream_failing_in_outage_ends_with_error(api_client, upstream, monkeypa
     assert record.status == UsageRecord.Status.FAILED
     assert record.reason == "upstream_error"
     assert record.http_status == 502
+    assert record.total_tokens > 0
+    assert counter.used == record.total_tokens
+    assert counter.reserved == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stream_left_in_outage_is_settled(upstream, monkeypatch):
+    outage = DatabaseOutage(monkeypatch)
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+
+    # The view is called without Django's test client, which closes a
+    # response twice, where a server closes it once.
+    request = RequestFactory().post(
+        URL,
+        json.dumps({"prompt": "one two", "stream": True}),
+        content_type="application/json",
+        headers={"x-api-key": raw_key},
+    )
+    request.request_id = "stream-left-in-outage"
+    response = GenerateTextView.as_view()(request)
+    next(iter(response.streaming_content))
+    # The client leaves, and the database is down for the first settlement.
+    outage.failures_left = 2
+    response.close()
+
+    record = UsageRecord.objects.get(api_key=api_key)
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    assert outage.failures_left == 0
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == "client_disconnected"
     assert record.total_tokens > 0
     assert counter.used == record.total_tokens
     assert counter.reserved == 0
