@@ -74,24 +74,19 @@ for method, path, body, headers in [
 """
 
 
-@pytest.mark.parametrize("pool", ["off", "on"])
-def test_unreachable_database_gets_503(pool):
-    result = run_in_project(
-        ["-c", _UNREACHABLE_DATABASE_CLIENT],
-        DATABASE_URL="postgres://postgres@127.0.0.1:1/proxy",
-        DATABASE_POOL=pool,
-        DATABASE_CONN_MAX_AGE="0",
-        DATABASE_POOL_MIN_SIZE="0",
-        DATABASE_POOL_TIMEOUT="0.5",
-        # Production settings, so that errors are the API's JSON, not
-        # Django's debug page.
-        DEBUG="off",
-        SECRET_KEY="a-secret-key-for-this-test-only",
-        ALLOWED_HOSTS="testserver",
-        PROXY_READ_DOTENV="off",
-    )
-    responses = [json.loads(line) for line in result.stdout.splitlines()]
+# Production settings, so that errors are the API's JSON, not Django's
+# debug page.
+_PRODUCTION_ENVIRONMENT = {
+    "DEBUG": "off",
+    "SECRET_KEY": "a-secret-key-for-this-test-only",
+    "ALLOWED_HOSTS": "testserver",
+    "PROXY_READ_DOTENV": "off",
+}
 
+
+def _database_unavailable_responses(result) -> list[dict]:
+    """Check that the client process got 503 database_unavailable for each request."""
+    responses = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.returncode == 0, result.stderr
     assert [response["path"] for response in responses] == [
         "/v1/chat/completions",
@@ -102,6 +97,23 @@ def test_unreachable_database_gets_503(pool):
         assert response["status"] == 503, response
         error = json.loads(response["body"])["error"]
         assert error["code"] == "database_unavailable"
+    return responses
+
+
+@pytest.mark.parametrize("pool", ["off", "on"])
+def test_unreachable_database_gets_503(pool):
+    result = run_in_project(
+        ["-c", _UNREACHABLE_DATABASE_CLIENT],
+        DATABASE_URL="postgres://postgres@127.0.0.1:1/proxy",
+        DATABASE_POOL=pool,
+        DATABASE_CONN_MAX_AGE="0",
+        DATABASE_POOL_MIN_SIZE="0",
+        DATABASE_POOL_TIMEOUT="0.5",
+        **_PRODUCTION_ENVIRONMENT,
+    )
+    responses = _database_unavailable_responses(result)
+
+    for response in responses:
         assert "127.0.0.1" not in response["body"]
     # The log keeps what the client does not see.
     assert "Database call failed with OperationalError" in result.stderr
@@ -128,21 +140,11 @@ def test_silent_database_gets_503():
                 DATABASE_CONNECT_TIMEOUT="2",
                 DATABASE_POOL="off",
                 DATABASE_CONN_MAX_AGE="0",
-                DEBUG="off",
-                SECRET_KEY="a-secret-key-for-this-test-only",
-                ALLOWED_HOSTS="testserver",
-                PROXY_READ_DOTENV="off",
+                **_PRODUCTION_ENVIRONMENT,
             )
         except subprocess.TimeoutExpired:
             pytest.fail(
                 f"Requests waited more than {SILENT_DATABASE_RUN_TIMEOUT} s "
                 "for a database that does not respond."
             )
-    responses = [json.loads(line) for line in result.stdout.splitlines()]
-
-    assert result.returncode == 0, result.stderr
-    assert len(responses) == 3
-    for response in responses:
-        assert response["status"] == 503, response
-        error = json.loads(response["body"])["error"]
-        assert error["code"] == "database_unavailable"
+    _database_unavailable_responses(result)

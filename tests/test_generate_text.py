@@ -609,6 +609,18 @@ class DatabaseOutage:
         return self._execute_together(connection, statements)
 
 
+def assert_failed_and_charged(api_key, reason: str, http_status: int) -> None:
+    """Check that the key's one record failed with `reason` and was charged."""
+    record = UsageRecord.objects.get(api_key=api_key)
+    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == reason
+    assert record.http_status == http_status
+    assert record.total_tokens > 0
+    assert counter.used == record.total_tokens
+    assert counter.reserved == 0
+
+
 def read_events_through_outage(response, outage: DatabaseOutage) -> list[str]:
     """Read a stream, with the database down from the first event to the error."""
     events = []
@@ -634,14 +646,7 @@ def test_stream_settled_in_outage_ends_with_error(api_client, upstream, monkeypa
     # client gets its event.
     assert outage.failed_statements == 2
     # Closing the response, with the database back, records the stream.
-    record = UsageRecord.objects.get(api_key=api_key)
-    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
-    assert record.status == UsageRecord.Status.FAILED
-    assert record.reason == "database_unavailable"
-    assert record.http_status == 503
-    assert record.total_tokens > 0
-    assert counter.used == record.total_tokens
-    assert counter.reserved == 0
+    assert_failed_and_charged(api_key, "database_unavailable", 503)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -657,14 +662,7 @@ def test_stream_failing_in_outage_ends_with_error(api_client, upstream, monkeypa
     assert len(errors) == 1
     assert json.loads(events[-1])["error"]["code"] == "upstream_error"
     assert "[DONE]" not in events
-    record = UsageRecord.objects.get(api_key=api_key)
-    counter = QuotaCounter.objects.get(api_key=api_key, period="day")
-    assert record.status == UsageRecord.Status.FAILED
-    assert record.reason == "upstream_error"
-    assert record.http_status == 502
-    assert record.total_tokens > 0
-    assert counter.used == record.total_tokens
-    assert counter.reserved == 0
+    assert_failed_and_charged(api_key, "upstream_error", 502)
 
 
 @pytest.mark.django_db(transaction=True)

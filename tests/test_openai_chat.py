@@ -533,13 +533,9 @@ class TestStreaming:
 
     def test_stream_failing_half_way_ends_with_error_event(self, sdk, upstream):
         upstream.queue(Behaviour(drop_after_chunks=2))
-        stream = create(sdk, stream=True)
-        received = []
-        with pytest.raises(openai.APIError) as excinfo:
-            for chunk in stream:
-                received.append(chunk)
+        received, error = _read_until_error(create(sdk, stream=True))
         assert len(received) == 2
-        assert "upstream service failed" in excinfo.value.message
+        assert "upstream service failed" in error.message
         record = UsageRecord.objects.get()
         assert record.status == UsageRecord.Status.FAILED
         assert record.reason == "upstream_error"
@@ -574,13 +570,9 @@ class TestStreaming:
             chunk(index=1, delta={"content": "yo"}),
         ]
         upstream.queue(Behaviour(events=events))
-        stream = create(sdk, stream=True, n=2)
-        received = []
-        with pytest.raises(openai.APIError) as excinfo:
-            for item in stream:
-                received.append(item)
+        received, error = _read_until_error(create(sdk, stream=True, n=2))
         assert len(received) == 3
-        assert excinfo.value.body["code"] == "upstream_error"
+        assert error.body["code"] == "upstream_error"
         _assert_failed_and_settled("upstream_error", 502)
 
     @pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
@@ -588,13 +580,9 @@ class TestStreaming:
         self, sdk, upstream, malformed
     ):
         upstream.queue(Behaviour(events=[malformed, finish_chunk()]))
-        stream = create(sdk, stream=True)
-        received = []
-        with pytest.raises(openai.APIError) as excinfo:
-            for chunk in stream:
-                received.append(chunk)
+        received, error = _read_until_error(create(sdk, stream=True))
         assert received == []
-        assert excinfo.value.body["code"] == "upstream_error"
+        assert error.body["code"] == "upstream_error"
         _assert_failed_and_settled("upstream_error", 502)
 
     @pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
@@ -603,13 +591,9 @@ class TestStreaming:
     ):
         events = [text_chunk("hello"), malformed, finish_chunk()]
         upstream.queue(Behaviour(events=events))
-        stream = create(sdk, stream=True)
-        received = []
-        with pytest.raises(openai.APIError) as excinfo:
-            for chunk in stream:
-                received.append(chunk)
+        received, error = _read_until_error(create(sdk, stream=True))
         assert len(received) == 1
-        assert excinfo.value.body["code"] == "upstream_error"
+        assert error.body["code"] == "upstream_error"
         _assert_failed_and_settled("upstream_error", 502)
 
     @pytest.mark.parametrize(
@@ -763,6 +747,15 @@ class TestStreaming:
         day = QuotaCounter.objects.get(period="day")
         assert day.reserved == 0
         assert day.used == record.total_tokens
+
+
+def _read_until_error(stream) -> tuple[list, openai.APIError]:
+    """Read a stream until the SDK raises its error event; return both."""
+    received = []
+    with pytest.raises(openai.APIError) as excinfo:
+        for item in stream:
+            received.append(item)
+    return received, excinfo.value
 
 
 def _assert_failed_and_settled(reason: str, http_status: int) -> None:

@@ -93,10 +93,12 @@ def test_headers_show_tightest_window(api_client, upstream, clock):
     assert response["X-RateLimit-Remaining"] == "1"
 
 
-def test_every_window_applies(api_client, upstream, clock):
-    api_key, raw_key = make_key(tier=make_tier("two-windows", rate_limits="10/m, 3/h"))
-    # django-ratelimit offsets each key's windows by an amount derived from the
-    # key, so the hour may end during the requests below unless one starts now.
+def _start_new_hour(clock, api_key) -> None:
+    """Move the clock to the start of the key's next hour window.
+
+    django-ratelimit offsets each key's windows by an amount derived from the
+    key, so the hour may end during a test's requests unless one starts now.
+    """
     [hour] = count_request(
         RequestFactory().get("/"),
         group=KEY_GROUP,
@@ -105,6 +107,11 @@ def test_every_window_applies(api_client, upstream, clock):
         increment=False,
     )
     clock.shift(hour.reset)
+
+
+def test_every_window_applies(api_client, upstream, clock):
+    api_key, raw_key = make_key(tier=make_tier("two-windows", rate_limits="10/m, 3/h"))
+    _start_new_hour(clock, api_key)
     statuses = []
     for _ in range(4):
         statuses.append(post(api_client, raw_key).status_code)
@@ -114,14 +121,7 @@ def test_every_window_applies(api_client, upstream, clock):
 
 def test_retry_after_waits_for_every_used_up_window(api_client, upstream, clock):
     api_key, raw_key = make_key(tier=make_tier("two-windows", rate_limits="2/m, 3/h"))
-    [hour] = count_request(
-        RequestFactory().get("/"),
-        group=KEY_GROUP,
-        value=str(api_key.pk),
-        rates=["3/h"],
-        increment=False,
-    )
-    clock.shift(hour.reset)
+    _start_new_hour(clock, api_key)
     post(api_client, raw_key)
     post(api_client, raw_key)
     # Over the minute's limit, and the refusal uses up the hour's last request.
