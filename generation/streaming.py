@@ -119,16 +119,14 @@ class ChatStreamRelay:
         stream failed. The client has its error event by now, so trying
         again here delays no one.
         """
-        try:
-            if self.failure is None:
-                self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
-            else:
-                self._settle_failure(self.failure)
-        except DATABASE_OUTAGES:
-            logger.exception(
-                "Recording the stream's usage failed, so its reserved tokens "
-                "stay reserved."
-            )
+        failure = self.failure
+        if failure is None:
+            status_code, code = 499, CLIENT_DISCONNECTED
+        else:
+            status_code, code = failure.status_code, failure.default_code
+        self._try_settle_failed(
+            status_code, code, unrecorded="its reserved tokens stay reserved"
+        )
 
     def _generate(self) -> Iterator[bytes]:
         try:
@@ -138,13 +136,9 @@ class ChatStreamRelay:
                 raise
             # The client went away: stop reading upstream (closing the
             # response ends the upstream request) and charge what it generated.
-            try:
-                self._settle(Status.FAILED, 499, CLIENT_DISCONNECTED)
-            except DATABASE_OUTAGES:
-                logger.exception(
-                    "Recording the stream's usage failed, so closing the response "
-                    "tries again."
-                )
+            self._try_settle_failed(
+                499, CLIENT_DISCONNECTED, unrecorded="closing the response tries again"
+            )
             logger.info("Client disconnected from a stream; upstream request closed.")
             raise
         except ProxyError as exc:
@@ -177,17 +171,24 @@ class ChatStreamRelay:
         """
         self.failure = failure
         if not self.settled:
-            try:
-                self._settle_failure(failure)
-            except DATABASE_OUTAGES:
-                logger.exception(
-                    "Recording the stream's failure failed, so closing the "
-                    "response tries again."
-                )
+            self._try_settle_failed(
+                failure.status_code,
+                failure.default_code,
+                unrecorded="closing the response tries again",
+            )
         return error_event(failure)
 
-    def _settle_failure(self, failure: ProxyError) -> None:
-        self._settle(Status.FAILED, failure.status_code, failure.default_code)
+    def _try_settle_failed(
+        self, status_code: int, code: str, *, unrecorded: str
+    ) -> None:
+        """Settle the stream as failed, logging instead of raising a database outage.
+
+        `unrecorded` describes what happens to the usage when the database fails.
+        """
+        try:
+            self._settle(Status.FAILED, status_code, code)
+        except DATABASE_OUTAGES:
+            logger.exception("Recording the stream's usage failed, so %s.", unrecorded)
 
     def _relay_events(self) -> Iterator[bytes]:
         for data in self._upstream_data():
