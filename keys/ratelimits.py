@@ -8,7 +8,6 @@ cache each process counts alone (a system check warns about that).
 import functools
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -16,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 from django_ratelimit.core import get_usage
 
+from keys.validators import split_rate
 from proxy_site.errors import (
     LimitsUnavailable,
     RateLimitExceeded,
@@ -33,8 +33,6 @@ FAILED_AUTH_GROUP = "proxy.failed-auth"
 # here. A changed count thus keeps the requests already counted in the
 # window, and only a changed period starts a new counter.
 _COUNTER_COUNT = 1_000_000_000
-_RATE = re.compile(r"(?P<count>\d+)/(?P<multiplier>\d*)(?P<unit>[smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -106,27 +104,6 @@ def count_request(
             )
         )
     return usages
-
-
-def split_rate(rate: str) -> tuple[int, int]:
-    """Split a rate such as "60/m" or "5/10s" into its count and period in seconds.
-
-    Raises ValueError when the rate is not in django-ratelimit's notation or
-    its count or period is 0.
-    """
-    match = _RATE.fullmatch(rate)
-    if match is None:
-        raise ValueError(
-            f"{rate!r} is not a valid rate. Use a count, a slash and a period "
-            "such as 60/m, 1000/d or 5/10s."
-        )
-    count = int(match["count"])
-    period = int(match["multiplier"] or 1) * _UNIT_SECONDS[match["unit"]]
-    if count < 1 or period < 1:
-        raise ValueError(
-            f"{rate!r} is not a valid rate: its count and period must be at least 1."
-        )
-    return count, period
 
 
 def _cache_failed(group: str, exc: Exception | None) -> list[WindowUsage]:

@@ -11,7 +11,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Longer periods overflow the cache's expiry times.
 MAX_RATE_PERIOD = 366 * 86400
 MAX_RATE_COUNT = 1_000_000_000
-_RATE = re.compile(r"^(?P<count>\d+)/(?P<multiplier>\d*)(?P<unit>[smhd])$")
+_RATE = re.compile(r"(?P<count>\d+)/(?P<multiplier>\d*)(?P<unit>[smhd])")
 # The model names that requests may carry in `model`.
 MAX_MODEL_NAME_LENGTH = 128
 _MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
@@ -70,22 +70,33 @@ def validate_model_name(value: str) -> None:
         )
 
 
-def validate_rate(rate: str) -> None:
-    match = _RATE.match(rate)
+def split_rate(rate: str) -> tuple[int, int]:
+    """Split a rate such as "60/m" or "5/10s" into its count and period in seconds.
+
+    Raises ValueError when the rate is not in django-ratelimit's notation or
+    its count or period is 0.
+    """
+    match = _RATE.fullmatch(rate)
     if match is None:
-        raise ValidationError(
+        raise ValueError(
             f"{rate!r} is not a valid rate. Use a count, a slash and a period "
-            "such as 60/m, 1000/d or 5/10s (units: s, m, h, d).",
-            code="invalid_rate",
+            "such as 60/m, 1000/d or 5/10s (units: s, m, h, d)."
         )
-    if int(match["count"]) < 1 or match["multiplier"] == "0":
-        raise ValidationError(
-            f"{rate!r} is not a valid rate: the count and the period must be "
-            "at least 1.",
-            code="invalid_rate",
-        )
+    count = int(match["count"])
     period = int(match["multiplier"] or 1) * _UNIT_SECONDS[match["unit"]]
-    if period > MAX_RATE_PERIOD or int(match["count"]) > MAX_RATE_COUNT:
+    if count < 1 or period < 1:
+        raise ValueError(
+            f"{rate!r} is not a valid rate: its count and period must be at least 1."
+        )
+    return count, period
+
+
+def validate_rate(rate: str) -> None:
+    try:
+        count, period = split_rate(rate)
+    except ValueError as exc:
+        raise ValidationError(str(exc), code="invalid_rate") from exc
+    if period > MAX_RATE_PERIOD or count > MAX_RATE_COUNT:
         raise ValidationError(
             f"{rate!r} is not a valid rate: the period may be at most 366 days "
             f"and the count at most {MAX_RATE_COUNT}.",

@@ -7,8 +7,8 @@ from django.core.exceptions import ValidationError
 from django.test import RequestFactory
 
 from generation.models import UsageRecord
-from keys.ratelimits import KEY_GROUP, client_ip, count_request, split_rate
-from keys.validators import validate_rate_list
+from keys.ratelimits import KEY_GROUP, client_ip, count_request
+from keys.validators import split_rate, validate_rate, validate_rate_list
 from tests.factories import make_key, make_tier
 
 pytestmark = pytest.mark.django_db
@@ -247,6 +247,12 @@ def test_invalid_rates_are_rejected(value):
         validate_rate_list(value)
 
 
+def test_rate_with_trailing_newline_is_invalid():
+    # The rate limits at request time read a rate the same way.
+    with pytest.raises(ValidationError, match="not a valid rate"):
+        validate_rate("60/m\n")
+
+
 def test_tier_with_bad_rate_fails_validation():
     tier = make_tier("bad")
     tier.rate_limits = "lots/m"
@@ -299,7 +305,7 @@ def test_split_rate_returns_count_and_period(rate, expected):
     assert split_rate(rate) == expected
 
 
-@pytest.mark.parametrize("rate", ["abc", "60", "0/m", "5/0m", "60/m "])
+@pytest.mark.parametrize("rate", ["abc", "60", "0/m", "5/0m", "60/m ", "60/m\n"])
 def test_split_rate_rejects_invalid_rate(rate):
     with pytest.raises(ValueError, match="not a valid rate"):
         split_rate(rate)
