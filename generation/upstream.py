@@ -150,7 +150,7 @@ def _retry_after(exc: openai.APIStatusError) -> float:
 
 
 def _seconds_from_retry_after(value: str) -> float:
-    """Return the seconds a Retry-After value asks for: a number or an HTTP date.
+    """Return the seconds that a Retry-After value (a number or an HTTP date) gives.
 
     Raises ValueError when it is neither.
     """

@@ -102,7 +102,7 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # libpq waits for a new connection without a limit by default, so a
     # database server that accepts the TCP connection but does not respond
-    # (hung, or behind a stalled network path) held every request forever.
+    # (hung, or behind a stalled network path) would hold every request forever.
     # A connect_timeout in DATABASE_URL's query string wins.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
         "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=10)
