@@ -157,9 +157,11 @@ async def _client(
     result: RunResult,
     deadline: float,
     budget: list[int],
+    start_delay: float,
 ) -> None:
     request = target.request(index, body)
     reader = writer = None
+    await asyncio.sleep(start_delay)
     while time.perf_counter() < deadline and budget[0] > 0:
         budget[0] -= 1
         try:
@@ -198,18 +200,21 @@ async def run(
     clients: int,
     seconds: float,
     max_requests: int = 1_000_000,
+    ramp: float = 0.0,
 ) -> RunResult:
     """Run `clients` clients until `seconds` pass or `max_requests` are sent.
 
     Requests in flight at the deadline finish (each within REQUEST_TIMEOUT);
     the rate divides the successes by the time until the last one finished.
+    With `ramp`, the clients start evenly spread over that many seconds
+    instead of all at once.
     """
     result = RunResult(clients=clients, elapsed=0.0)
     started = time.perf_counter()
     deadline = started + seconds
     budget = [max_requests]
     tasks = [
-        _client(index, target, body, result, deadline, budget)
+        _client(index, target, body, result, deadline, budget, ramp * index / clients)
         for index in range(clients)
     ]
     await asyncio.gather(*tasks)

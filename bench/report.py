@@ -224,6 +224,15 @@ def render(data: dict) -> str:
         "",
         *tables.slow_table(targets, data["slow_500_many_keys"]),
         "",
+        f"## Long upstream: {data.get('long_delay_seconds', '-')} seconds per call",
+        "",
+        "The same load with a longer call, so that the clients ask for fewer "
+        "requests per second than the CPU serves. It shows whether a server "
+        "holds every client's call open at once: the last column is the most "
+        "calls the fake upstream had waiting at one time.",
+        "",
+        *tables.long_table(targets),
+        "",
         "## Streaming",
         "",
         *tables.stream_table(targets, STREAM_CHUNKS, STREAM_SPACING_MS),

@@ -15,6 +15,8 @@ per worker, default 30), BENCH_WORK_DIR (default /tmp/proxy-bench).
 
 from __future__ import annotations
 
+import http.client
+import json
 import pickle
 import subprocess
 import sys
@@ -59,6 +61,14 @@ from servers import (  # noqa: E402
 
 INSTANT = "bench-instant"
 SLOW = "bench-delay-1000"
+# A call long enough that 500 clients ask for fewer requests per second than
+# the proxy serves, so the run shows whether it holds them all at once. The
+# clients start spread over one call's length, so that their requests arrive
+# evenly rather than in waves of 500.
+LONG_DELAY_SECONDS = 5
+LONG = f"bench-delay-{LONG_DELAY_SECONDS * 1000}"
+LONG_CLIENTS = 500
+LONG_SECONDS = 25.0
 STREAM_CHUNKS, STREAM_SPACING_MS = 20, 25
 STREAM = f"bench-stream-{STREAM_CHUNKS}x{STREAM_SPACING_MS}"
 
@@ -75,6 +85,16 @@ ROUND_SECONDS = 5.0
 
 # The processes of every server in the run, set once they have started.
 watched_pids: Callable[[], list[int]] = list
+
+
+def upstream_stats(port: int) -> dict:
+    """Return the fake upstream's in-flight counts and start a new peak."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        connection.request("GET", "/stats")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
 
 
 def settle() -> None:
@@ -97,7 +117,10 @@ def warm_up(target: load.Target) -> None:
 
 
 def measure_target(
-    target: load.Target, servers_pids: list[int], cpu_groups: Callable
+    target: load.Target,
+    servers_pids: list[int],
+    cpu_groups: Callable,
+    upstream_port: int,
 ) -> dict:
     """Run every measurement against one target and return the results.
 
@@ -141,6 +164,21 @@ def measure_target(
                 seconds=SLOW_SECONDS,
                 max_requests=clients * 40,
             )
+        settle()
+        log(
+            f"{target.name}: {LONG_CLIENTS} clients, "
+            f"{LONG_DELAY_SECONDS}-second upstream"
+        )
+        upstream_stats(upstream_port)
+        results["long"] = load.run_sync(
+            target,
+            load.chat_body(LONG),
+            clients=LONG_CLIENTS,
+            seconds=LONG_SECONDS,
+            max_requests=LONG_CLIENTS * 10,
+            ramp=LONG_DELAY_SECONDS,
+        )
+        results["long_peak_in_flight"] = upstream_stats(upstream_port)["peak_in_flight"]
     results["rss_load"] = [sampler.peak[pid] for pid in servers_pids]
     settle()
     log(f"{target.name}: streams")
@@ -305,6 +343,7 @@ def main() -> None:
     servers: list[Server] = []
     data: dict = {
         "pool_size": POOL_SIZE,
+        "long_delay_seconds": LONG_DELAY_SECONDS,
         "workers": WORKERS,
         "loadavg_start": loadavg_start,
     }
@@ -365,7 +404,7 @@ def main() -> None:
                     found["Redis server"] = pids_named("redis-server")
                 return found
 
-            data["targets"][name] = measure_target(target, pids, groups)
+            data["targets"][name] = measure_target(target, pids, groups, upstream_port)
         data["rounds"] = alternate_rounds(
             {"proxy": targets["proxy"][0], "litellm": targets["litellm"][0]}
         )

@@ -10,6 +10,9 @@ chooses the behaviour, so one server serves every benchmark:
   chunks <ms> milliseconds apart, then the finish chunk, the usage chunk when
   ``stream_options.include_usage`` is set, and ``data: [DONE]``.
 
+``GET /stats`` returns the delayed calls in flight now and the most in flight
+at once since the last ``GET /stats``, which starts a new count.
+
 Run it alone with ``python bench/upstream.py --port 9200``.
 """
 
@@ -26,6 +29,13 @@ _DELAY_MODEL = re.compile(r"^bench-delay-(\d+)$")
 # Largest request head or body, in bytes, the server reads before giving up.
 MAX_REQUEST_BYTES = 1_048_576
 USAGE = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
+
+
+class _InFlight:
+    """Delayed calls waiting now, and the most that waited at once."""
+
+    now = 0
+    peak = 0
 
 
 def _completion(model: str) -> bytes:
@@ -119,6 +129,10 @@ class UpstreamProtocol(asyncio.Protocol):
         try:
             if method == "POST" and path.endswith("/chat/completions"):
                 await self._chat(json.loads(body or b"{}"))
+            elif method == "GET" and path == "/stats":
+                stats = {"in_flight": _InFlight.now, "peak_in_flight": _InFlight.peak}
+                _InFlight.peak = _InFlight.now
+                self._send(200, json.dumps(stats).encode())
             elif method == "GET" and path in ("/health", "/v1/models"):
                 self._send(200, b'{"object": "list", "data": []}')
             else:
@@ -141,7 +155,12 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         delay = _DELAY_MODEL.match(model)
         if delay:
-            await asyncio.sleep(int(delay[1]) / 1000)
+            _InFlight.now += 1
+            _InFlight.peak = max(_InFlight.peak, _InFlight.now)
+            try:
+                await asyncio.sleep(int(delay[1]) / 1000)
+            finally:
+                _InFlight.now -= 1
         self._send(200, _completion(model))
 
     async def _stream(
