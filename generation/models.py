@@ -1,6 +1,7 @@
 """Token quota counters and usage records."""
 
 from django.db import models
+from django.utils import timezone
 
 from keys.models import APIKey, PromptRule, Tier
 
@@ -45,7 +46,7 @@ class UsageRecord(models.Model):
         PENDING = "pending", "In flight (tokens reserved)"
         SUCCEEDED = "succeeded", "Succeeded"
         REFUSED = "refused", "Refused by a limit or rule"
-        FAILED = "failed", "Failed upstream"
+        FAILED = "failed", "Failed upstream, or abandoned"
 
     api_key = models.ForeignKey(APIKey, on_delete=models.CASCADE, related_name="usage")
     tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="usage")
@@ -59,12 +60,20 @@ class UsageRecord(models.Model):
         PromptRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     reserved_tokens = models.PositiveIntegerField(default=0)
+    # The periods whose quota counters contain reserved_tokens, such as
+    # "day,month". Empty when the key had no cap.
+    reserved_periods = models.CharField(max_length=16, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)
     request_id = models.CharField(max_length=128, db_index=True)
     prompt_text = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Set when the request starts, not when the record is inserted. The quota
+    # reservation picks its day and month from this instant, so that the
+    # record names the counter rows that its reserved tokens are in.
+    created_at = models.DateTimeField(
+        default=timezone.now, editable=False, db_index=True
+    )
     settled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

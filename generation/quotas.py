@@ -78,6 +78,11 @@ def seconds_until(moment: datetime.datetime) -> int:
     return max(1, math.ceil((moment - timezone.now()).total_seconds()))
 
 
+def capped_periods(api_key: APIKey) -> str:
+    """Return the key's capped periods, comma-separated, in reserve()'s order."""
+    return ",".join(sorted(period for period, _ in caps(api_key)))
+
+
 def caps(api_key: APIKey) -> list[tuple[str, int]]:
     """Return (period, cap) for each period in which the key has a cap."""
     pairs = [
@@ -93,6 +98,7 @@ def reserve(
     amount: int,
     along_with: Statement | None = None,
     on_result: Callable[[StatementResult], None] | None = None,
+    now: datetime.datetime | None = None,
 ) -> Reservation:
     """Hold `amount` tokens in every capped period, or raise QuotaExceeded.
 
@@ -107,8 +113,11 @@ def reserve(
     execute_together), and `on_result` gets its result, also when the
     reservation is then rejected. An amount larger than a whole cap is
     rejected before either runs.
+
+    `now` picks the day and month whose counters hold the amount, by default
+    the current time.
     """
-    now = timezone.now()
+    now = now or timezone.now()
     key_caps = caps(api_key)
     if not key_caps:
         if along_with is not None:

@@ -133,10 +133,17 @@ class UsageTracker:
         attempt writes its own amount to the saved record.
         """
         self.record.reserved_tokens = amount
+        self.record.reserved_periods = quotas.capped_periods(self.api_key)
+        # The reservation takes its day and month from the record's created_at,
+        # so that a request started at 23:59:59.999 UTC and reserved a moment
+        # later reserves in the counters of the day that the record names.
+        now = self.record.created_at
         write = self._in_flight_write()
         try:
             if write is None or write[0].alias != connection.alias:
-                self.reservation = quotas.reserve(api_key=self.api_key, amount=amount)
+                self.reservation = quotas.reserve(
+                    api_key=self.api_key, amount=amount, now=now
+                )
                 if self.record.pk is None:
                     insert_record(self.record)
                 else:
@@ -148,6 +155,7 @@ class UsageTracker:
                 amount=amount,
                 along_with=statement,
                 on_result=on_result,
+                now=now,
             )
         except Exception:
             # Rejected or failed, the attempt leaves nothing reserved.

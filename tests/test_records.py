@@ -60,8 +60,8 @@ def _generate(api_client, raw_key, **fields):
 
 
 def test_insert_stores_what_the_orm_reads():
-    record = _new_record(model="gpt-4o-mini", http_status=None)
     before = timezone.now()
+    record = _new_record(model="gpt-4o-mini", http_status=None)
 
     insert_record(record)
 
