@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import httpx2
+from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from proxy_site.errors import (
     DATABASE_OUTAGES,
     DatabaseUnavailable,
     ProxyError,
+    StreamTimeLimitExceeded,
     UpstreamError,
     UpstreamTimeout,
     error_body,
@@ -89,7 +91,8 @@ class ChatStreamRelay:
         # database could not record it when it happened.
         self.failure: ProxyError | None = None
         self._text = upstream.iter_text()
-        self._lines = split_lines(self._text)
+        deadline = time.monotonic() + settings.PROXY_MAX_STREAM_SECONDS
+        self._lines = split_lines(_text_until(deadline, self._text))
         # True once the upstream sent [DONE] and the relay yielded its own.
         self.completed = False
         self._events = self._generate()
@@ -345,6 +348,23 @@ def event_stream_response(
     for name, value in headers.items():
         response[name] = value
     return response
+
+
+def _text_until(deadline: float, chunks: Iterator[str]) -> Iterator[str]:
+    """Yield the chunks, raising StreamTimeLimitExceeded for one read past `deadline`.
+
+    `deadline` is a time.monotonic() value. A read that is waiting when the
+    deadline passes ends with its chunk or at the read timeout.
+    """
+    for chunk in chunks:
+        if time.monotonic() > deadline:
+            logger.warning(
+                "Upstream stream lasted longer than PROXY_MAX_STREAM_SECONDS "
+                "(%s s), so it is ended.",
+                settings.PROXY_MAX_STREAM_SECONDS,
+            )
+            raise StreamTimeLimitExceeded()
+        yield chunk
 
 
 def split_lines(chunks: Iterator[str]) -> Iterator[str]:

@@ -168,6 +168,16 @@ class UpstreamTimeout(ProxyError):
     default_code = "upstream_timeout"
 
 
+class StreamTimeLimitExceeded(ProxyError):
+    status_code = status.HTTP_504_GATEWAY_TIMEOUT
+    default_detail = (
+        "The response stream lasted longer than the proxy allows, so it was "
+        "ended. The tokens generated so far are charged. Request fewer tokens "
+        "(max_tokens) to get a shorter response."
+    )
+    default_code = "stream_time_limit"
+
+
 class UpstreamError(ProxyError):
     status_code = status.HTTP_502_BAD_GATEWAY
     default_detail = "The upstream service failed to answer. Try again later."

@@ -160,6 +160,12 @@ OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="https://api.openai.com/v1"
 
 # Seconds the proxy waits for the upstream before it responds with 504.
 PROXY_UPSTREAM_TIMEOUT = env.float("PROXY_UPSTREAM_TIMEOUT", default=60.0)
+# Maximum length of a streamed response, in seconds, counted from the upstream's
+# response headers. PROXY_UPSTREAM_TIMEOUT bounds each read, not the whole
+# stream. A stream that passes this ends with a stream_time_limit error event,
+# charged for what was generated. It also bounds how long a request can keep
+# its token reservation (see generation.abandoned).
+PROXY_MAX_STREAM_SECONDS = env.float("PROXY_MAX_STREAM_SECONDS", default=3600.0)
 # Retries the openai client makes on its own. The default of 0 leaves the
 # decision to the proxy, which maps every failure to a status for the client.
 PROXY_UPSTREAM_MAX_RETRIES = env.int("PROXY_UPSTREAM_MAX_RETRIES", default=0)
@@ -215,6 +221,7 @@ if LOG_LEVEL not in _LOG_LEVELS:
     )
 for _name in (
     "PROXY_UPSTREAM_TIMEOUT",
+    "PROXY_MAX_STREAM_SECONDS",
     "PROXY_MAX_REQUEST_BYTES",
     "PROXY_MAX_TOKENS_CAP",
 ):

@@ -528,6 +528,31 @@ def test_stream_failure_ends_with_error_event(api_client, upstream):
     assert INTERNAL_DETAIL not in "".join(events)
 
 
+def test_stream_past_time_limit_ends_with_error(api_client, upstream, settings):
+    settings.PROXY_MAX_STREAM_SECONDS = 0.3
+    # Each pause is shorter than the read timeout, so only the stream's total
+    # length can end it.
+    upstream.queue(Behaviour(stall_after_chunks=1, stall_seconds=0.5))
+    api_key, raw_key = make_key(tier=make_tier(tokens_per_day=10**6))
+    body = {"prompt": "one two three", "stream": True}
+
+    response = post(api_client, body, key=raw_key)
+    events = read_events(response)
+
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "stream_time_limit"
+    assert "[DONE]" not in events
+    assert json.loads(events[0]) == {"text": "echo:"}
+    record = UsageRecord.objects.get(api_key=api_key)
+    assert record.status == UsageRecord.Status.FAILED
+    assert record.reason == "stream_time_limit"
+    assert record.http_status == 504
+    assert record.completion_tokens > 0
+    counter = QuotaCounter.objects.get(api_key=api_key)
+    assert counter.reserved == 0
+    assert counter.used == record.prompt_tokens + record.completion_tokens
+
+
 @pytest.mark.parametrize("malformed", MALFORMED_CHUNKS)
 @pytest.mark.parametrize("position", [0, 1], ids=["first", "later"])
 def test_stream_malformed_event_ends_with_error(

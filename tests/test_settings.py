@@ -20,6 +20,11 @@ from tests.servers import run_in_project
             id="negative-body-limit",
         ),
         pytest.param(
+            {"PROXY_MAX_STREAM_SECONDS": "0"},
+            "PROXY_MAX_STREAM_SECONDS must be more than 0",
+            id="zero-stream-limit",
+        ),
+        pytest.param(
             {"DEBUG": "off", "SECRET_KEY": ""}, "SECRET_KEY is not set", id="no-secret"
         ),
         pytest.param(
