@@ -20,6 +20,7 @@ from proxy_site.errors import (
 from proxy_site.middleware import current_request_log
 
 from . import quotas
+from .abandoned import max_request_age
 from .models import UsageRecord
 from .policy import PreparedChat
 from .records import (
@@ -75,7 +76,7 @@ class UsageTracker:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        if exc is None:
+        if exc is None or self._outlived_reservation():
             return False
         # The record is saved even if releasing the reservation or naming the
         # error fails, so that no request stays pending.
@@ -230,8 +231,11 @@ class UsageTracker:
         """Charge the tokens used, release the rest, and close the record.
 
         A stream that fails or loses its client part-way is settled here too,
-        charged for what was generated before it ended.
+        charged for what was generated before it ended. A request older than
+        max_request_age() writes nothing (see _outlived_reservation).
         """
+        if self._outlived_reservation():
+            return
         self.record.status = status
         self.record.http_status = http_status
         self.record.reason = reason
@@ -274,6 +278,28 @@ class UsageTracker:
         self.quota_states = quotas.states_after_settle(self.reservation, settled)
         self.reservation = None
         check_settled(self.record, updated)
+        return True
+
+    def _outlived_reservation(self) -> bool:
+        """Return whether the request is too old to settle its own reservation.
+
+        Past max_request_age(), release_abandoned may have released the
+        reservation already, and settling it too would release it twice. The
+        record then stays pending for that command, which releases the
+        reserved tokens and charges none of the usage.
+        """
+        if self.reservation is None or not self.reservation.counters:
+            return False
+        age = timezone.now() - self.record.created_at
+        if age <= max_request_age():
+            return False
+        logger.warning(
+            "Request %s ran for %d s, longer than a request may keep its token "
+            "reservation, so its usage is not charged and its record stays "
+            "pending for release_abandoned.",
+            self.record.request_id,
+            age.total_seconds(),
+        )
         return True
 
     def _release(self) -> None:
