@@ -272,6 +272,11 @@ class UsageTracker:
             # Neither statement took effect. Charge the tokens anyway, since
             # the upstream replied. A stream has no error path that would
             # release the reservation otherwise.
+            # TODO: when another session holds the counters' rows past the
+            # statement timeout, this and _release() fail too, and the
+            # reservation (the record's reserved_tokens) stays in the
+            # counters until a repair job, which does not exist yet,
+            # releases it.
             self.quota_states = quotas.settle(self.reservation, used_tokens=used_tokens)
             self.reservation = None
             raise

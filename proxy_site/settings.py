@@ -7,6 +7,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 
 from keys.validators import validate_rate
+from proxy_site.database import postgres_options
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -100,12 +101,16 @@ DATABASES = {
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # libpq waits for a new connection without a limit by default, so a
-    # database server that accepts the TCP connection but does not respond
-    # (hung, or behind a stalled network path) would hold every request forever.
-    # A connect_timeout in DATABASE_URL's query string wins.
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
-        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=10)
+    # libpq waits for a new connection, and PostgreSQL runs a query, without a
+    # limit by default. A database server that accepts the TCP connection but
+    # does not respond, a lock held by another session, or a network partition
+    # would hold requests forever. Values in DATABASE_URL's query string win.
+    DATABASES["default"]["OPTIONS"] = postgres_options(
+        DATABASES["default"].get("OPTIONS", {}),
+        connect_timeout=env.int("DATABASE_CONNECT_TIMEOUT", default=10),
+        # Seconds; the proxy's own queries take milliseconds.
+        statement_timeout=env.float("DATABASE_STATEMENT_TIMEOUT", default=30.0),
+        pgoptions=env.str("PGOPTIONS", default=""),
     )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Transactions take SQLite's write lock when they begin, and wait up to 20 s

@@ -2,6 +2,10 @@ import pytest
 
 from tests.servers import run_in_project
 
+# A PostgreSQL URL whose port nothing listens on. The settings are checked
+# before any connection is made.
+CLOSED_POSTGRES_URL = "postgres://postgres@127.0.0.1:1/proxy"
+
 
 @pytest.mark.parametrize(
     ("env", "message"),
@@ -36,6 +40,27 @@ from tests.servers import run_in_project
             {"PROXY_FAILED_AUTH_RATE": "abc"},
             "PROXY_FAILED_AUTH_RATE has an invalid value: 'abc' is not a valid rate",
             id="bad-failed-auth-rate",
+        ),
+        pytest.param(
+            {
+                "DATABASE_URL": CLOSED_POSTGRES_URL,
+                "DATABASE_STATEMENT_TIMEOUT": "-1",
+            },
+            "DATABASE_STATEMENT_TIMEOUT must be 0 (no limit) or more seconds",
+            id="negative-statement-timeout",
+        ),
+        pytest.param(
+            {
+                "DATABASE_URL": CLOSED_POSTGRES_URL,
+                "DATABASE_STATEMENT_TIMEOUT": "soon",
+            },
+            "DATABASE_STATEMENT_TIMEOUT has an invalid value 'soon'",
+            id="statement-timeout-not-a-number",
+        ),
+        pytest.param(
+            {"DATABASE_URL": CLOSED_POSTGRES_URL + "?keepalives_idle=soon"},
+            "option keepalives_idle is 'soon', which",
+            id="keepalive-not-a-number",
         ),
     ],
 )
