@@ -43,6 +43,12 @@ class KeyedAPIView(APIView):
 
     permission_classes = [HasAPIKey]
     parser_classes = [LimitedJSONParser]
+    # OPTIONS gets 405 like any other method the endpoint does not serve, so it
+    # neither looks the key up nor escapes the key's rate limits. The 405's
+    # Allow header lists the methods, and /openapi.json describes the bodies.
+    http_method_names = [
+        name for name in APIView.http_method_names if name != "options"
+    ]
 
     def initial(self, request: Request, *args, **kwargs) -> None:
         self.rate_limit_headers: dict[str, str] = {}

@@ -282,6 +282,34 @@ def test_wrong_method_gets_405_with_allow(api_client, upstream):
     assert response.json()["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        pytest.param(URL, "POST", id="generate-text"),
+        pytest.param("/v1/chat/completions", "POST", id="chat-completions"),
+        pytest.param("/v1/models", "GET", id="models"),
+        pytest.param("/v1/models/gpt-4o-mini", "GET", id="model-detail"),
+        pytest.param("/v1/embeddings", "POST", id="embeddings"),
+    ],
+)
+@pytest.mark.parametrize("with_key", [True, False], ids=["key", "no-key"])
+def test_options_gets_405_without_key_lookup(
+    api_client, django_assert_num_queries, path, allowed, with_key
+):
+    _, raw_key = make_key()
+    headers = {"x-api-key": raw_key, "Authorization": f"Bearer {raw_key}"}
+
+    with django_assert_num_queries(0):
+        response = api_client.options(path, headers=headers if with_key else {})
+
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert allowed in response["Allow"]
+    assert "OPTIONS" not in response["Allow"]
+    assert "WWW-Authenticate" not in response
+    assert "X-RateLimit-Limit" not in response
+
+
 def test_browsable_api_shows_form(api_client):
     response = api_client.get(URL, HTTP_ACCEPT="text/html")
     content = response.content.decode()
