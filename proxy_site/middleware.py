@@ -21,8 +21,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # It must match whole (fullmatch): `$` would also accept a trailing newline.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Error codes are snake_case words, and nothing else found in an error body
-# becomes a metric label.
-_ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# becomes a metric label. Used with fullmatch, like _SANE_REQUEST_ID.
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Longest path written to a log line, in characters.
 _MAX_LOGGED_PATH = 256
 # Error bodies larger than this, in bytes, are not parsed for their code.
@@ -281,6 +281,6 @@ def _error_code(response: HttpResponseBase) -> str | None:
                 data = None
     error = data.get("error") if isinstance(data, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
-    if isinstance(code, str) and _ERROR_CODE.match(code):
+    if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
         return code
     return "unknown"
