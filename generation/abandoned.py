@@ -132,15 +132,32 @@ def release_records(ids: list[int], summary: ReleaseSummary) -> None:
     # NOTE: records written before reserved_periods existed have it empty, so
     # they are closed without releasing any tokens.
     records = UsageRecord.objects.filter(pk__in=changed).values_list(
-        "api_key_id", "reserved_tokens", "reserved_periods", "created_at"
+        "api_key_id",
+        "reserved_tokens",
+        "prompt_tokens",
+        "completion_tokens",
+        "reserved_periods",
+        "created_at",
     )
-    amounts: dict[tuple[int, str, datetime.date], int] = defaultdict(int)
-    for api_key_id, tokens, periods, created_at in records:
+    amounts: dict[tuple[int, str, datetime.date], _Amounts] = defaultdict(_Amounts)
+    for api_key_id, tokens, prompt, completion, periods, created_at in records:
         summary.add(api_key_id, tokens)
         for period in _split_periods(periods):
             start = period_start(period, created_at)
-            amounts[(api_key_id, period, start)] += tokens
+            amount = amounts[(api_key_id, period, start)]
+            amount.reserved += tokens
+            # A record shows tokens only when its request got the upstream's
+            # reply and then failed to settle, and those were used.
+            amount.used += prompt + completion
     _release_counters(amounts)
+
+
+@dataclass
+class _Amounts:
+    """Tokens to take from one counter's reserved and add to its used."""
+
+    reserved: int = 0
+    used: int = 0
 
 
 def _close_pending(ids: list[int]) -> list[int]:
@@ -174,18 +191,22 @@ def _split_periods(periods: str) -> list[str]:
     return [period for period in periods.split(",") if period]
 
 
-def _release_counters(amounts: dict[tuple[int, str, datetime.date], int]) -> None:
-    """Subtract each amount from its counter's reserved tokens, stopping at 0.
+def _release_counters(amounts: dict[tuple[int, str, datetime.date], _Amounts]) -> None:
+    """Move each counter's amounts from reserved (stopping at 0) to used.
 
     The rows are updated in order of key and period, the order in which a
     reservation or a settlement locks one key's rows, so that the command
     takes row locks in the same order as requests do.
     """
-    for (api_key_id, period, start), amount in sorted(amounts.items()):
+    for (api_key_id, period, start), amount in sorted(
+        amounts.items(), key=lambda item: item[0]
+    ):
         counters = QuotaCounter.objects.filter(
             api_key_id=api_key_id, period=period, period_start=start
         )
-        short = counters.filter(reserved__lt=amount).values_list("reserved", flat=True)
+        short = counters.filter(reserved__lt=amount.reserved).values_list(
+            "reserved", flat=True
+        )
         for reserved in short:
             logger.warning(
                 "Quota counter of key %s, %s %s, has only %s reserved tokens, "
@@ -194,9 +215,12 @@ def _release_counters(amounts: dict[tuple[int, str, datetime.date], int]) -> Non
                 period,
                 start,
                 reserved,
-                amount,
+                amount.reserved,
             )
-        counters.update(reserved=Greatest(F("reserved") - amount, 0))
+        counters.update(
+            reserved=Greatest(F("reserved") - amount.reserved, 0),
+            used=F("used") + amount.used,
+        )
 
 
 def key_prefixes(api_key_ids: Iterable[int]) -> dict[int, str]:

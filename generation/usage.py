@@ -79,13 +79,32 @@ class UsageTracker:
         if exc is None or self._outlived_reservation():
             return False
         # The record is saved even if releasing the reservation or naming the
-        # error fails, so that no request stays pending.
+        # error fails, so that it shows the outcome.
         try:
             self._record_failure(exc)
-            self._release()
+            self._release_or_leave_pending()
         finally:
             self._save()
         return False
+
+    def _release_or_leave_pending(self) -> None:
+        """Release the reservation; if the database fails, leave the record pending.
+
+        A pending record with its reserved tokens is what release_abandoned
+        looks for, so the reservation is released once the record is old
+        enough, and the tokens the record shows are charged then.
+        """
+        try:
+            self._release()
+        except DatabaseError:
+            self.record.status = Status.PENDING
+            self.record.settled_at = None
+            logger.warning(
+                "Releasing the reservation of request %s failed, so its record "
+                "stays pending for release_abandoned.",
+                self.record.request_id,
+            )
+            raise
 
     def _record_failure(self, exc: BaseException) -> None:
         self.record.status = Status.FAILED if self.called_upstream else Status.REFUSED
@@ -272,11 +291,10 @@ class UsageTracker:
             # Neither statement took effect. Charge the tokens anyway, since
             # the upstream replied. A stream has no error path that would
             # release the reservation otherwise.
-            # TODO: when another session holds the counters' rows past the
-            # statement timeout, this and _release() fail too, and the
-            # reservation (the record's reserved_tokens) stays in the
-            # counters until a repair job, which does not exist yet,
-            # releases it.
+            # When another session holds the counters' rows past the
+            # statement timeout, this fails too, and so does the release on
+            # the way out, which then leaves the record pending for
+            # release_abandoned.
             self.quota_states = quotas.settle(self.reservation, used_tokens=used_tokens)
             self.reservation = None
             raise
@@ -317,7 +335,8 @@ class UsageTracker:
             self.reservation = None
 
     def _save(self) -> None:
-        self.record.settled_at = timezone.now()
+        if self.record.status != Status.PENDING:
+            self.record.settled_at = timezone.now()
         if self.record.pk is None:
             insert_record(self.record)
         else:

@@ -12,6 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
+from generation.abandoned import ReleaseSummary, release_records
 from generation.models import QuotaCounter, UsageRecord
 from generation.quotas import period_start
 from keys.models import APIKey
@@ -346,12 +347,24 @@ def test_counter_locked_at_settlement_gets_503(postgresql, upstream):
     _assert_database_unavailable(response, lock_waits=3)
     [record] = UsageRecord.objects.filter(api_key=api_key)
     [counter] = QuotaCounter.objects.filter(api_key=api_key)
-    assert record.status == Status.FAILED
+    # The reservation could not be settled, so it stays in the counter, and
+    # the pending record shows how much it holds and what the reply used.
+    assert record.status == Status.PENDING
     assert record.reason == "database_unavailable"
     assert record.http_status == 503
-    assert record.settled_at is not None
-    # The reservation could not be settled, so it stays in the counter, and
-    # the record shows how much it holds.
+    assert record.settled_at is None
     assert counter.reserved == record.reserved_tokens > 0
     assert counter.used == 0
+    assert record.total_tokens > 0
     assert len(upstream.requests) == 1
+
+    # Once the record is old enough, release_abandoned releases the
+    # reservation and charges the tokens the record shows.
+    with transaction.atomic():
+        release_records([record.pk], ReleaseSummary())
+    record.refresh_from_db()
+    counter.refresh_from_db()
+    assert record.status == Status.FAILED
+    assert record.reason == "abandoned"
+    assert counter.reserved == 0
+    assert counter.used == record.total_tokens

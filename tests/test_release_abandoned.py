@@ -303,3 +303,18 @@ def test_request_past_max_age_leaves_release_to_command(clock, api_key, caplog):
     run()
 
     assert reserved(api_key) == {"day": 0, "month": 0}
+
+
+def test_record_tokens_charged_on_release(clock, api_key):
+    # A request that got the upstream's reply but could not release its
+    # reservation leaves its record pending with the tokens it used.
+    record = start_request(api_key, 100).record
+    record.prompt_tokens, record.completion_tokens = 30, 12
+    record.save(update_fields=["prompt_tokens", "completion_tokens"])
+
+    clock.move_to(LATER)
+    run()
+
+    used = dict(QuotaCounter.objects.values_list("period", "used"))
+    assert reserved(api_key) == {"day": 0, "month": 0}
+    assert used == {"day": 42, "month": 42}
