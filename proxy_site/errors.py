@@ -10,7 +10,7 @@ import math
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
-from django.http import Http404
+from django.http import Http404, UnreadablePostError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
@@ -54,6 +54,13 @@ class RequestTooLarge(ProxyError):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "The request body is larger than the proxy accepts."
     default_code = "request_too_large"
+    error_type = "invalid_request_error"
+
+
+class RequestTimeout(ProxyError):
+    status_code = status.HTTP_408_REQUEST_TIMEOUT
+    default_detail = "The request body stopped arriving before it was complete."
+    default_code = "request_timeout"
     error_type = "invalid_request_error"
 
 
@@ -327,11 +334,32 @@ def as_api_exception(exc: BaseException) -> exceptions.APIException | None:
             f"The request body is larger than {settings.PROXY_MAX_REQUEST_BYTES} "
             "bytes, the limit."
         )
+    if isinstance(exc, UnreadablePostError) and _caused_by_timeout(exc):
+        # The client stopped sending its body (see proxy_site.body_timeout).
+        return RequestTimeout(
+            "No part of the request body arrived for "
+            f"{settings.PROXY_REQUEST_BODY_TIMEOUT:g} seconds. Send the whole "
+            "body right after the headers."
+        )
     if isinstance(exc, exceptions.APIException):
         return exc
     if isinstance(exc, DATABASE_OUTAGES):
         return DatabaseUnavailable()
     return None
+
+
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """Return whether a TimeoutError is in the chain of `exc`'s causes.
+
+    Django wraps a failed body read in UnreadablePostError twice, once in
+    HttpRequest.read() and again in HttpRequest.body.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:

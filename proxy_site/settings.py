@@ -65,6 +65,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "proxy_site.middleware.RequestIDMiddleware",
+    "proxy_site.body_timeout.RequestBodyTimeoutMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -180,6 +181,9 @@ PROXY_DEFAULT_MODEL = env.str("PROXY_DEFAULT_MODEL", default="gpt-4o-mini")
 PROXY_MAX_REQUEST_BYTES = env.int("PROXY_MAX_REQUEST_BYTES", default=1_048_576)
 # Django's own body limit, checked before the API's parser reads the body.
 DATA_UPLOAD_MAX_MEMORY_SIZE = PROXY_MAX_REQUEST_BYTES
+# Seconds the proxy waits for the next part of a request body under gunicorn
+# before it responds with 408 request_timeout (see proxy_site.body_timeout).
+PROXY_REQUEST_BODY_TIMEOUT = env.float("PROXY_REQUEST_BODY_TIMEOUT", default=30.0)
 # A key's "last used" time is written at most this often, in seconds, so that
 # a busy key does not cost a database write on every request.
 PROXY_LAST_USED_RESOLUTION = env.int("PROXY_LAST_USED_RESOLUTION", default=60)
@@ -228,9 +232,11 @@ for _name in (
     "PROXY_UPSTREAM_TIMEOUT",
     "PROXY_MAX_STREAM_SECONDS",
     "PROXY_MAX_REQUEST_BYTES",
+    "PROXY_REQUEST_BODY_TIMEOUT",
     "PROXY_MAX_TOKENS_CAP",
 ):
-    if globals()[_name] <= 0:
+    # `not > 0` also rejects NaN ("nan" parses as a float).
+    if not globals()[_name] > 0:
         raise ImproperlyConfigured(
             f"{_name} must be more than 0, not {globals()[_name]}."
         )

@@ -1,0 +1,91 @@
+"""Clients that stall while sending a request body, against a real gunicorn."""
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import HOST, ProxyServer, run_in_project
+
+# PROXY_REQUEST_BODY_TIMEOUT of the server under test, in seconds.
+BODY_TIMEOUT = 1.0
+# Seconds the test waits for a response before it calls the server stuck.
+RESPONSE_TIMEOUT = 10.0
+BODY = json.dumps({"prompt": "hello there"}).encode()
+
+
+@pytest.fixture
+def server_and_key(tmp_path, upstream) -> Iterator[tuple[ProxyServer, str]]:
+    """A gunicorn server on its own SQLite file, and a key it accepts."""
+    environment = {
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}",
+        "CACHE_URL": "locmemcache://",
+        "PROXY_TEST_UPSTREAM_URL": upstream.base_url,
+        "PROXY_REQUEST_BODY_TIMEOUT": str(BODY_TIMEOUT),
+    }
+    for command in (["migrate", "--no-input"], ["issue_key", "--name", "slow"]):
+        result = run_in_project(["manage.py", *command], **environment)
+        assert result.returncode == 0, result.stderr
+    raw_key = result.stdout.strip().splitlines()[-1]
+    server = ProxyServer(environment, threads=2).start()
+    try:
+        server.wait_ready()
+        yield server, raw_key
+    finally:
+        server.stop()
+
+
+def send_head(port: int, raw_key: str) -> socket.socket:
+    """Open a connection and send the headers of a /generate-text/ request."""
+    client = socket.create_connection((HOST, port), timeout=RESPONSE_TIMEOUT)
+    head = (
+        "POST /generate-text/ HTTP/1.1\r\n"
+        f"Host: {HOST}\r\n"
+        f"x-api-key: {raw_key}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    client.sendall(head.encode())
+    return client
+
+
+def read_response(client: socket.socket) -> tuple[int, dict]:
+    """Read the whole response and return its status and JSON body."""
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)
+
+
+def test_stalled_body_gets_408(server_and_key):
+    server, raw_key = server_and_key
+    client = send_head(server.port, raw_key)
+    started = time.monotonic()
+
+    with client:
+        client.sendall(BODY[:5])
+        status, body = read_response(client)
+
+    assert status == 408
+    assert body["error"]["code"] == "request_timeout"
+    assert time.monotonic() - started < BODY_TIMEOUT + 5
+
+
+def test_slow_body_within_timeout_succeeds(server_and_key):
+    server, raw_key = server_and_key
+    client = send_head(server.port, raw_key)
+
+    with client:
+        for start in range(0, len(BODY), 8):
+            client.sendall(BODY[start : start + 8])
+            time.sleep(BODY_TIMEOUT / 4)
+        status, body = read_response(client)
+
+    assert status == 200
+    assert body["text"] == "echo: hello there"
