@@ -240,6 +240,13 @@ for _name in (
         raise ImproperlyConfigured(
             f"{_name} must be more than 0, not {globals()[_name]}."
         )
+# A socket timeout past about 3e10 s overflows the platform's time_t and would
+# fail every request with a body, so the limit is kept far below that.
+if PROXY_REQUEST_BODY_TIMEOUT > 3600:
+    raise ImproperlyConfigured(
+        f"PROXY_REQUEST_BODY_TIMEOUT must be at most 3600 seconds, not "
+        f"{PROXY_REQUEST_BODY_TIMEOUT:g}."
+    )
 
 # ---------------------------------------------------------------------------
 # Metrics and log format.

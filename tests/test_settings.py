@@ -29,6 +29,11 @@ CLOSED_POSTGRES_URL = "postgres://postgres@127.0.0.1:1/proxy"
             id="zero-stream-limit",
         ),
         pytest.param(
+            {"PROXY_REQUEST_BODY_TIMEOUT": "99999999999"},
+            "PROXY_REQUEST_BODY_TIMEOUT must be at most 3600 seconds, not 1e+11.",
+            id="huge-body-timeout",
+        ),
+        pytest.param(
             {"DEBUG": "off", "SECRET_KEY": ""}, "SECRET_KEY is not set", id="no-secret"
         ),
         pytest.param(
