@@ -1,5 +1,6 @@
 """HTTP endpoints: text generation and liveness."""
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
@@ -67,6 +68,13 @@ class KeyedAPIView(APIView):
             "CONTENT_LENGTH"
         ):
             raise LengthRequired()
+        # The body is read before the key is looked up, so that a client that
+        # stalls while sending it holds a worker thread (for at most
+        # PROXY_REQUEST_BODY_TIMEOUT) but no database connection. A body over
+        # the limit is left for the parser to reject without reading it.
+        declared = meta.get("CONTENT_LENGTH") or ""
+        if declared.isdigit() and 0 < int(declared) <= settings.PROXY_MAX_REQUEST_BYTES:
+            request._request.body  # noqa: B018 (reads and keeps the body)
         super().initial(request, *args, **kwargs)
 
     def start(self, request: Request, endpoint: str) -> UsageTracker:

@@ -89,3 +89,19 @@ def test_slow_body_within_timeout_succeeds(server_and_key):
 
     assert status == 200
     assert body["text"] == "echo: hello there"
+
+
+def test_body_read_before_key_lookup(server_and_key):
+    # With the body read first, a stalled body holds no database connection
+    # for the key lookup. A wrong key would otherwise get its 403 at once.
+    server, _ = server_and_key
+    client = send_head(server.port, "sk-not-a-real-key")
+    started = time.monotonic()
+
+    with client:
+        client.sendall(BODY[:5])
+        status, body = read_response(client)
+
+    assert status == 408
+    assert body["error"]["code"] == "request_timeout"
+    assert time.monotonic() - started >= BODY_TIMEOUT
