@@ -1,6 +1,7 @@
 """Django settings for the proxy, read once from the environment and `.env`."""
 
 import ipaddress
+import math
 from pathlib import Path
 
 import environ
@@ -27,6 +28,24 @@ class _Env(environ.Env):
             raise ImproperlyConfigured(
                 f"{var} has an invalid value {raw!r}: {exc}"
             ) from exc
+
+    def float(self, var, default=environ.Env.NOTSET):
+        """Read `var` as Python's float() does, rejecting NaN and infinity.
+
+        django-environ's own float cast (0.14) drops every character except digits,
+        signs, commas and dots first, so "2m" would read as 2.0 and "1e3" as 13.0.
+        """
+        return self.get_value(var, cast=_parse_finite_float, default=default)
+
+
+def _parse_finite_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError("expected a plain number such as 30 or 2.5")
+    return number
 
 
 env = _Env()

@@ -16,6 +16,16 @@ CLOSED_POSTGRES_URL = "postgres://postgres@127.0.0.1:1/proxy"
             id="timeout-not-a-number",
         ),
         pytest.param(
+            {"PROXY_UPSTREAM_TIMEOUT": "2m"},
+            "PROXY_UPSTREAM_TIMEOUT has an invalid value '2m'",
+            id="timeout-with-unit",
+        ),
+        pytest.param(
+            {"PROXY_MAX_STREAM_SECONDS": "nan"},
+            "PROXY_MAX_STREAM_SECONDS has an invalid value 'nan'",
+            id="stream-limit-not-finite",
+        ),
+        pytest.param(
             {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL is 'LOUD'", id="unknown-log-level"
         ),
         pytest.param(
@@ -102,3 +112,29 @@ def test_only_the_proxy_reads_dotenv(module, reads):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(reads)
+
+
+# Loads the settings and prints the upstream timeout they read.
+_PRINT_UPSTREAM_TIMEOUT = """
+import django
+from django.conf import settings
+
+django.setup()
+print(settings.PROXY_UPSTREAM_TIMEOUT)
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        pytest.param("90", "90.0", id="whole"),
+        pytest.param("2.5", "2.5", id="decimal"),
+        pytest.param("1e3", "1000.0", id="exponent"),
+    ],
+)
+def test_seconds_setting_reads_python_float(value, seconds):
+    result = run_in_project(
+        ["-c", _PRINT_UPSTREAM_TIMEOUT], PROXY_UPSTREAM_TIMEOUT=value
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == seconds
