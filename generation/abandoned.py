@@ -99,9 +99,11 @@ def abandoned_records(cutoff: datetime.datetime) -> QuerySet:
 def count_abandoned(cutoff: datetime.datetime) -> ReleaseSummary:
     """Sum what release_abandoned() would release now, changing nothing."""
     summary = ReleaseSummary()
-    rows = abandoned_records(cutoff).values_list("api_key_id", "reserved_tokens")
-    for api_key_id, tokens in rows.iterator():
-        summary.add(api_key_id, tokens)
+    rows = abandoned_records(cutoff).values_list(
+        "api_key_id", "reserved_tokens", "reserved_periods"
+    )
+    for api_key_id, tokens, periods in rows.iterator():
+        summary.add(api_key_id, _released_tokens(tokens, periods))
     return summary
 
 
@@ -141,7 +143,7 @@ def release_records(ids: list[int], summary: ReleaseSummary) -> None:
     )
     amounts: dict[tuple[int, str, datetime.date], _Amounts] = defaultdict(_Amounts)
     for api_key_id, tokens, prompt, completion, periods, created_at in records:
-        summary.add(api_key_id, tokens)
+        summary.add(api_key_id, _released_tokens(tokens, periods))
         for period in _split_periods(periods):
             start = period_start(period, created_at)
             amount = amounts[(api_key_id, period, start)]
@@ -189,6 +191,15 @@ def _close_pending(ids: list[int]) -> list[int]:
 
 def _split_periods(periods: str) -> list[str]:
     return [period for period in periods.split(",") if period]
+
+
+def _released_tokens(tokens: int, periods: str) -> int:
+    """Return the tokens a record's release takes from the counters.
+
+    A key without a token cap reserves in no counter, although its record
+    stores the worst case in reserved_tokens, so its release frees nothing.
+    """
+    return tokens if _split_periods(periods) else 0
 
 
 def _release_counters(amounts: dict[tuple[int, str, datetime.date], _Amounts]) -> None:

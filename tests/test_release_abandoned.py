@@ -181,6 +181,23 @@ def test_only_reserved_periods_are_released(clock):
     assert reserved(api_key) == {"day": 0, "month": 70}
 
 
+def test_uncapped_key_reports_no_tokens(clock):
+    api_key, _ = make_key(tier=make_tier())
+    record = start_request(api_key, 100).record
+    assert record.reserved_periods == ""
+
+    clock.move_to(LATER)
+    dry_run = run("--dry-run", verbosity=2)
+    out = run(verbosity=2)
+
+    assert dry_run.startswith(f"Key {api_key.prefix}: 1 record(s), 0 token(s).")
+    assert "Would release 0 token(s) of 1 pending usage record(s)" in dry_run
+    assert out.startswith(f"Key {api_key.prefix}: 1 record(s), 0 token(s).")
+    assert "Released 0 token(s) of 1 abandoned usage record(s)" in out
+    record.refresh_from_db()
+    assert record.status == Status.FAILED
+
+
 @dataclasses.dataclass(frozen=True)
 class SlowlyCountedChat(PreparedChat):
     """A chat whose exact token count takes `counting_time` on `clock`."""
