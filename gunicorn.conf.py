@@ -7,6 +7,16 @@ explains them and docs/benchmarks.md shows how the defaults were chosen.
 """
 
 import os
+from pathlib import Path
+
+import environ
+
+# The proxy's settings read .env in each worker, after gunicorn has read this
+# file. Read it here too, so that the GUNICORN_* variables and
+# PROXY_UPSTREAM_TIMEOUT in .env apply to gunicorn. The environment wins, as
+# it does in the settings.
+if environ.Env().bool("PROXY_READ_DOTENV", default=True):
+    environ.Env.read_env(Path(__file__).resolve().parent / ".env", overwrite=False)
 
 
 def _int(name: str, default: int) -> int:

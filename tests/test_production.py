@@ -16,7 +16,7 @@ from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.test import Client
 
-from tests.servers import HOST, free_port
+from tests.servers import HOST, free_port, run_in_project
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONFIG = PROJECT_ROOT / "gunicorn.conf.py"
@@ -156,6 +156,36 @@ def test_gunicorn_timeouts_exceed_upstream_timeout(monkeypatch, upstream_timeout
 
     assert config["timeout"] > upstream_timeout
     assert config["graceful_timeout"] > upstream_timeout
+
+
+# Loads the gunicorn configuration at the path given and prints two values.
+_PRINT_GUNICORN_CONFIG = """
+import runpy
+import sys
+
+config = runpy.run_path(sys.argv[1])
+print(config["graceful_timeout"], config["bind"])
+"""
+
+
+def test_gunicorn_config_reads_dotenv(tmp_path):
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(GUNICORN_CONFIG.read_text())
+    (tmp_path / ".env").write_text(
+        "PROXY_UPSTREAM_TIMEOUT=300\nGUNICORN_BIND=127.0.0.1:9001\n"
+    )
+
+    result = run_in_project(
+        ["-c", _PRINT_GUNICORN_CONFIG, str(config)],
+        unset=("PROXY_READ_DOTENV", "PROXY_UPSTREAM_TIMEOUT"),
+        GUNICORN_BIND="127.0.0.1:9002",
+    )
+
+    assert result.returncode == 0, result.stderr
+    graceful_timeout, bind = result.stdout.split()
+    assert graceful_timeout == "310"
+    # As in the proxy's settings, the environment wins over .env.
+    assert bind == "127.0.0.1:9002"
 
 
 def test_gunicorn_serves_many_requests_per_worker(monkeypatch):
