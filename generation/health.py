@@ -66,4 +66,14 @@ def readyz(request: HttpRequest) -> JsonResponse:
     }
     ready = all(result == "ok" for result in checks.values())
     body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if not ready:
+        # The error envelope gives the 503 a code, which the access log and
+        # the refusal metrics report.
+        failed = " and ".join(name for name, result in checks.items() if result != "ok")
+        body["error"] = {
+            "message": f"The proxy is not ready: the {failed} check failed.",
+            "type": "server_error",
+            "param": None,
+            "code": "not_ready",
+        }
     return JsonResponse(body, status=200 if ready else 503)

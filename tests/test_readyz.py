@@ -81,6 +81,12 @@ def test_readyz_cache_down(client, settings):
     assert response.json() == {
         "status": "unavailable",
         "checks": {"database": "ok", "cache": "failed"},
+        "error": {
+            "message": "The proxy is not ready: the cache check failed.",
+            "type": "server_error",
+            "param": None,
+            "code": "not_ready",
+        },
     }
 
 
@@ -130,6 +136,12 @@ def test_readyz_database_down(server_without_database):
     assert json.loads(body) == {
         "status": "unavailable",
         "checks": {"database": "failed", "cache": "ok"},
+        "error": {
+            "message": "The proxy is not ready: the database check failed.",
+            "type": "server_error",
+            "param": None,
+            "code": "not_ready",
+        },
     }
 
 
