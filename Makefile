@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+UPSTREAM_PORT ?= 9100
 
 .PHONY: run test lint format fake-upstream clean
 
@@ -36,7 +37,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 
 fake-upstream: $(VENV)/.installed
-	$(BIN)/python -m tests.fake_upstream --port 9100
+	$(BIN)/python -m tests.fake_upstream --port $(UPSTREAM_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
