@@ -3,6 +3,7 @@
 import codecs
 import io
 import re
+import sys
 
 from django.conf import settings
 from rest_framework.exceptions import ParseError, UnsupportedMediaType
@@ -48,6 +49,8 @@ class LimitedJSONParser(JSONParser):
             raise ParseError(
                 "JSON parse error - the JSON is nested too deeply."
             ) from exc
+        except ParseError as exc:
+            raise _plain_parse_error(exc, parser_context) from exc
         # Each level of nesting takes one bracket, so a body with few brackets
         # (in strings or not) needs no walk.
         brackets = data.count(b"[") + data.count(b"{")
@@ -68,6 +71,30 @@ class LimitedJSONParser(JSONParser):
                 "surrogate escape (from \\ud800 to \\udfff), which is not text."
             )
         return parsed
+
+
+def _plain_parse_error(error: ParseError, parser_context: dict | None) -> ParseError:
+    """Return `error`, or a clearer one where Python's message names its internals.
+
+    DRF puts the decoder's message in the detail. For a body that is not
+    valid in its charset, and for a number too long to convert, that
+    message is about Python's codecs or sys.set_int_max_str_digits(),
+    which a client cannot act on.
+    """
+    cause = error.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        encoding = (parser_context or {}).get("encoding") or "utf-8"
+        return ParseError(
+            f"JSON parse error - the body is not valid {encoding}: byte "
+            f"0x{cause.object[cause.start]:02x} at position {cause.start}. "
+            "Send the body as UTF-8."
+        )
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return ParseError(
+            "JSON parse error - a number has more than "
+            f"{sys.get_int_max_str_digits()} digits."
+        )
+    return error
 
 
 def reject_content_encoding(encoding: str) -> None:

@@ -179,3 +179,34 @@ def test_lone_surrogate_in_other_charset_is_invalid_json(
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_json"
     assert upstream.requests == []
+
+
+@pytest.mark.django_db
+def test_invalid_utf8_body_message(api_client, upstream):
+    _, raw_key = make_key()
+    response = api_client.post(
+        "/generate-text/",
+        data=b'{"prompt": "caf\xe9"}',
+        content_type="application/json",
+        headers={"x-api-key": raw_key},
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "invalid_json"
+    assert error["message"] == (
+        "JSON parse error - the body is not valid utf-8: byte 0xe9 at "
+        "position 15. Send the body as UTF-8."
+    )
+
+
+@pytest.mark.django_db
+def test_overlong_number_message(api_client, upstream):
+    _, raw_key = make_key()
+    response = post(
+        api_client, '{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", raw_key
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "invalid_json"
+    assert "sys." not in error["message"]
+    assert error["message"] == "JSON parse error - a number has more than 4300 digits."
