@@ -47,6 +47,10 @@ UPSTREAM_CONNECTION_LIMITS = httpx2.Limits(
 )
 # Used when a rate-limited upstream sends no Retry-After of its own.
 DEFAULT_UPSTREAM_RETRY_AFTER = 1.0
+# The longest upstream Retry-After passed on, in seconds. A longer one (or a
+# garbled huge number) would have clients wait far past any real reset, so
+# they are told to try again in an hour, when the upstream can say more.
+MAX_UPSTREAM_RETRY_AFTER = 3600.0
 
 
 def get_client() -> openai.OpenAI:
@@ -146,7 +150,7 @@ def _retry_after(exc: openai.APIStatusError) -> float:
         return DEFAULT_UPSTREAM_RETRY_AFTER
     if not math.isfinite(seconds) or seconds <= 0:
         return DEFAULT_UPSTREAM_RETRY_AFTER
-    return seconds
+    return min(seconds, MAX_UPSTREAM_RETRY_AFTER)
 
 
 def _seconds_from_retry_after(value: str) -> float:

@@ -426,6 +426,14 @@ def test_upstream_retry_after_date_is_converted(api_client, upstream):
     assert 85 <= int(response["Retry-After"]) <= 90
 
 
+def test_huge_upstream_retry_after_is_capped(api_client, upstream):
+    upstream.queue(Behaviour(status=429, headers={"retry-after": "99999999999999"}))
+    _, raw_key = make_key()
+    response = post(api_client, {"prompt": "hi"}, key=raw_key)
+    assert response.status_code == 503
+    assert response["Retry-After"] == "3600"
+
+
 def test_upstream_retry_after_ms_is_rounded_up(api_client, upstream):
     upstream.queue(Behaviour(status=429, headers={"retry-after-ms": "1500"}))
     _, raw_key = make_key()
