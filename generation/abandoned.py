@@ -65,12 +65,24 @@ def max_request_age() -> datetime.timedelta:
     call = attempts * TIMEOUTS_PER_ATTEMPT * timeout
     retry_waits = (attempts - 1) * MAX_RETRY_WAIT_SECONDS
     stream = settings.PROXY_MAX_STREAM_SECONDS + timeout
-    return datetime.timedelta(seconds=LOCAL_WORK_SECONDS + call + retry_waits + stream)
+    return _age(LOCAL_WORK_SECONDS + call + retry_waits + stream)
 
 
 def min_release_age() -> datetime.timedelta:
     """Return the youngest age at which a pending record may be released."""
-    return max_request_age() + datetime.timedelta(seconds=RELEASE_MARGIN_SECONDS)
+    return _age(max_request_age().total_seconds() + RELEASE_MARGIN_SECONDS)
+
+
+def _age(seconds: float) -> datetime.timedelta:
+    """Return `seconds` as a timedelta, or timedelta.max if it does not fit.
+
+    timedelta.max is about 2.7 million years. Settings that add up to more
+    let a request keep its reservation however long it runs.
+    """
+    try:
+        return datetime.timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.timedelta.max
 
 
 @dataclass

@@ -335,3 +335,31 @@ def test_record_tokens_charged_on_release(clock, api_key):
     used = dict(QuotaCounter.objects.values_list("period", "used"))
     assert reserved(api_key) == {"day": 0, "month": 0}
     assert used == {"day": 42, "month": 42}
+
+
+def test_request_settles_under_huge_stream_limit(clock, api_key, settings):
+    # 10**14 seconds is more than timedelta.max, about 8.6 * 10**13 seconds.
+    settings.PROXY_MAX_STREAM_SECONDS = 10**14
+    tracker = start_request(api_key, 100)
+
+    tracker.succeed(prompt_tokens=10, completion_tokens=10)
+
+    used = dict(QuotaCounter.objects.values_list("period", "used"))
+    assert reserved(api_key) == {"day": 0, "month": 0}
+    assert used == {"day": 20, "month": 20}
+
+
+def test_minimum_past_calendar_is_rejected(clock, api_key, settings):
+    settings.PROXY_MAX_STREAM_SECONDS = 10**14
+    start_request(api_key, 100)
+
+    with pytest.raises(CommandError, match="Lower PROXY_MAX_STREAM_SECONDS"):
+        run()
+
+    assert reserved(api_key) == {"day": 100, "month": 100}
+
+
+@pytest.mark.parametrize("minutes", ["10000000000", "10" + "0" * 20])
+def test_older_than_past_calendar_is_rejected(clock, minutes):
+    with pytest.raises(CommandError, match="Use a smaller --older-than"):
+        run("--older-than", minutes)

@@ -59,13 +59,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options) -> None:
-        age = self._release_age(options["older_than"])
+        cutoff = self._cutoff(options["older_than"])
         batch_size = options["batch_size"]
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise CommandError(
                 f"--batch-size must be 1 to {MAX_BATCH_SIZE}, not {batch_size}."
             )
-        cutoff = timezone.now() - age
         when = f"created before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
 
         if options["dry_run"]:
@@ -95,12 +94,30 @@ class Command(BaseCommand):
                 )
             )
 
-    def _release_age(self, minutes: int | None) -> datetime.timedelta:
-        """Return the age to release at, rejecting one below the minimum."""
+    def _cutoff(self, minutes: int | None) -> datetime.datetime:
+        """Return the time before which pending records are released."""
+        age = self._release_minutes(minutes)
+        try:
+            return timezone.now() - datetime.timedelta(minutes=age)
+        except OverflowError as exc:
+            if minutes is None:
+                fix = (
+                    "Lower PROXY_MAX_STREAM_SECONDS, PROXY_UPSTREAM_TIMEOUT or "
+                    "PROXY_UPSTREAM_MAX_RETRIES, from which the minimum comes."
+                )
+            else:
+                fix = "Use a smaller --older-than."
+            raise CommandError(
+                f"A cutoff {age} minutes ago is before the year 1, so no "
+                f"usage record can be that old. {fix}"
+            ) from exc
+
+    def _release_minutes(self, minutes: int | None) -> int:
+        """Return the age to release at, in minutes, rejecting one below the minimum."""
         minimum = min_release_age()
         minimum_minutes = math.ceil(minimum.total_seconds() / 60)
         if minutes is None:
-            return datetime.timedelta(minutes=minimum_minutes)
+            return minimum_minutes
         if minutes < minimum_minutes:
             raise CommandError(
                 f"--older-than must be at least {minimum_minutes} minutes, not "
@@ -110,7 +127,7 @@ class Command(BaseCommand):
                 "tokens would release them twice. Omit --older-than to use "
                 "the minimum."
             )
-        return datetime.timedelta(minutes=minutes)
+        return minutes
 
     def _report(self, summary: ReleaseSummary, verbosity: int) -> None:
         """Write the records and tokens per key prefix, at verbosity 2 or more."""
