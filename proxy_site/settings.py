@@ -259,6 +259,11 @@ for _name in (
         raise ImproperlyConfigured(
             f"{_name} must be more than 0, not {globals()[_name]}."
         )
+if PROXY_UPSTREAM_MAX_RETRIES < 0:
+    raise ImproperlyConfigured(
+        "PROXY_UPSTREAM_MAX_RETRIES must be 0 or more, not "
+        f"{PROXY_UPSTREAM_MAX_RETRIES}."
+    )
 # A socket timeout past about 3e10 s overflows the platform's time_t and would
 # fail every request with a body, so the limit is kept far below that.
 if PROXY_REQUEST_BODY_TIMEOUT > 3600:

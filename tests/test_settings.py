@@ -44,6 +44,11 @@ CLOSED_POSTGRES_URL = "postgres://postgres@127.0.0.1:1/proxy"
             id="huge-body-timeout",
         ),
         pytest.param(
+            {"PROXY_UPSTREAM_MAX_RETRIES": "-1"},
+            "PROXY_UPSTREAM_MAX_RETRIES must be 0 or more, not -1",
+            id="negative-retries",
+        ),
+        pytest.param(
             {"DEBUG": "off", "SECRET_KEY": ""}, "SECRET_KEY is not set", id="no-secret"
         ),
         pytest.param(
