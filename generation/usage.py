@@ -140,6 +140,12 @@ class UsageTracker:
         try:
             self._reserve(chat.worst_case_bound)
         except QuotaExceeded:
+            if self.record.pk is not None:
+                # The record went in with the rejected bound as its
+                # reservation. It is set back to 0 before the slow count, so
+                # that a worker killed meanwhile leaves no tokens for
+                # release_abandoned to take from other requests.
+                update_settled_fields(self.record)
             if chat.worst_case_tokens >= chat.worst_case_bound:
                 raise
             self._reserve(chat.worst_case_tokens)

@@ -1,5 +1,6 @@
 import dataclasses
 import datetime
+import functools
 import math
 import uuid
 from io import StringIO
@@ -363,3 +364,46 @@ def test_minimum_past_calendar_is_rejected(clock, api_key, settings):
 def test_older_than_past_calendar_is_rejected(clock, minutes):
     with pytest.raises(CommandError, match="Use a smaller --older-than"):
         run("--older-than", minutes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ObservedChat(PreparedChat):
+    """A chat whose bound is 5,000 tokens and whose exact count, 50, notes
+    the usage records as they are while it runs."""
+
+    records_at_count: dict = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def prompt_token_bound(self) -> int:
+        return 5_000
+
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        rows = UsageRecord.objects.values_list(
+            "request_id", "status", "reserved_tokens"
+        )
+        self.records_at_count.update(
+            (request_id, (status, tokens)) for request_id, status, tokens in rows
+        )
+        return 50
+
+
+def test_rejected_bound_reserves_nothing_while_counting(clock, api_key):
+    start_request(api_key, 9_000)
+    chat = _ObservedChat(
+        model="gpt-4o-mini", messages=[], max_tokens=0, client_texts=[]
+    )
+    tracker = UsageTracker(
+        api_key=api_key, endpoint="chat.completions", request_id=uuid.uuid4().hex
+    )
+
+    # The bound does not fit beside the 9,000 reserved, so the exact count runs.
+    tracker.reserve(chat)
+
+    # While it ran, the record claimed no reserved tokens, so a worker killed
+    # then would leave release_abandoned nothing to release.
+    request_id = tracker.record.request_id
+    assert chat.records_at_count[request_id] == (Status.PENDING, 0)
+    assert reserved(api_key) == {"day": 9_050, "month": 9_050}
+    tracker.record.refresh_from_db()
+    assert tracker.record.reserved_tokens == 50
