@@ -28,6 +28,15 @@ def _float(name: str, default: float) -> float:
 
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+# Each worker listens on its own socket with SO_REUSEPORT, so the kernel
+# assigns new connections to the workers by a hash of their addresses. With
+# one shared socket, whichever worker was free first accepted them. In the
+# benchmark one worker of two took 399 of 500 keep-alive connections, more
+# than its threads, so calls queued behind others. A Unix socket path cannot be shared
+# this way, and with port 0 each worker would get a different port.
+reuse_port = environ.Env().bool("GUNICORN_REUSE_PORT", default=True) and not (
+    bind.startswith("unix:") or bind.endswith(":0")
+)
 
 # gthread runs each request in a thread of a pool, so a worker serves
 # `threads` upstream calls at once, because a thread that waits on a socket
@@ -37,8 +46,11 @@ worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 workers = _int("WEB_CONCURRENCY", os.cpu_count() or 1)
 # Requests each worker serves at once. A request gives its pooled database
 # connection back while it waits for the upstream, so the pool size does not
-# cap this.
-threads = _int("GUNICORN_THREADS", 256)
+# cap this. SO_REUSEPORT splits connections by a hash, not exactly evenly:
+# 500 connections over two workers give one of them more than 256 about half
+# the time, and more than 320 almost never (a binomial estimate). A thread
+# costs memory only once it has served a request.
+threads = _int("GUNICORN_THREADS", 320)
 # Client connections (most of them idle keep-alives) each worker keeps open.
 worker_connections = _int("GUNICORN_WORKER_CONNECTIONS", 1000)
 

@@ -83,6 +83,14 @@ def proxy_env(upstream_port: int, **extra: str) -> dict[str, str]:
     }
 
 
+def gunicorn_setting(env: dict[str, str], name: str) -> str:
+    """Return a setting of gunicorn.conf.py as gunicorn reads it with `env`."""
+    code = f"import runpy; print(runpy.run_path('gunicorn.conf.py')[{name!r}])"
+    return run_command(
+        [str(BIN / "python"), "-c", code], cwd=ROOT, env=env, capture_output=True
+    ).stdout.strip()
+
+
 def prepare_database(env: dict[str, str]) -> list[str]:
     run_command(
         [sys.executable, "scripts/check_services.py", DATABASE_URL, CACHE_URL], cwd=ROOT

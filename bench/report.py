@@ -176,7 +176,8 @@ def render(data: dict) -> str:
         "(`bench-delay-1000`), or as a stream of "
         f"{STREAM_CHUNKS} chunks {STREAM_SPACING_MS} ms apart.",
         f"- **This proxy:** `gunicorn -c gunicorn.conf.py proxy_site.wsgi`, "
-        f"{data['workers']} gthread workers of 256 threads, PostgreSQL with "
+        f"{data['workers']} gthread workers of {data.get('threads', 256)} threads, "
+        "each listening on its own socket (`SO_REUSEPORT`), PostgreSQL with "
         f"`DATABASE_POOL_MAX_SIZE={data['pool_size']}` per worker, Redis cache, "
         "`DEBUG=off` and the default `LOG_LEVEL=INFO` (one access line per "
         "request). One key of a tier with a rate limit, daily and monthly token "
@@ -254,7 +255,8 @@ def render(data: dict) -> str:
         "The same proxy and settings under three servers, one after another "
         "(the ASGI server runs the same synchronous views through Django's "
         "ASGI handler). The last row is gthread with `GUNICORN_THREADS=64` in "
-        "place of 256, to show what the threads cost in memory.",
+        f"place of {data.get('threads', 256)}, to show what the threads cost in "
+        "memory.",
         "",
         *tables.worker_table(data["worker_models"]),
         "",

@@ -41,6 +41,7 @@ from launch import (  # noqa: E402
     WORKERS,
     database_backends,
     ensure_tools,
+    gunicorn_setting,
     log,
     prepare_database,
     proxy_env,
@@ -283,14 +284,21 @@ def compare_worker_models(env: dict[str, str], key: str) -> dict:
     memory.
     """
     gevent = {"GUNICORN_WORKER_CLASS": "gevent", "PYTHONPATH": str(SERVER_LIB)}
+    threads = gunicorn_setting(env, "threads")
     models = [
-        ("gthread, 256 threads, round 1", lambda: start_gunicorn(env, "gthread")),
+        (
+            f"gthread, {threads} threads, round 1",
+            lambda: start_gunicorn(env, "gthread"),
+        ),
         (
             "gevent, 1000 connections, round 1",
             lambda: start_gunicorn(env, "gevent", **gevent),
         ),
         ("uvicorn (ASGI)", lambda: start_uvicorn(env)),
-        ("gthread, 256 threads, round 2", lambda: start_gunicorn(env, "gthread")),
+        (
+            f"gthread, {threads} threads, round 2",
+            lambda: start_gunicorn(env, "gthread"),
+        ),
         (
             "gevent, 1000 connections, round 2",
             lambda: start_gunicorn(env, "gevent", **gevent),
@@ -345,6 +353,7 @@ def main() -> None:
         "pool_size": POOL_SIZE,
         "long_delay_seconds": LONG_DELAY_SECONDS,
         "workers": WORKERS,
+        "threads": gunicorn_setting(env, "threads"),
         "loadavg_start": loadavg_start,
     }
     try:

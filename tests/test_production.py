@@ -304,3 +304,82 @@ def test_pool_reconnects_soon_after_outage(transactional_db, postgres_address):
         if relay is not None:
             relay.shutdown()
             relay.server_close()
+
+
+# Loads the gunicorn configuration and prints reuse_port.
+_PRINT_REUSE_PORT = """
+import runpy
+print(runpy.run_path("gunicorn.conf.py")["reuse_port"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("bind", "setting", "expected"),
+    [
+        ("127.0.0.1:8000", None, "True"),
+        ("127.0.0.1:8000", "off", "False"),
+        ("unix:/run/proxy.sock", None, "False"),
+        ("127.0.0.1:0", None, "False"),
+    ],
+)
+def test_gunicorn_reuse_port_setting(bind, setting, expected):
+    overrides = {"GUNICORN_BIND": bind}
+    unset = ()
+    if setting is None:
+        unset = ("GUNICORN_REUSE_PORT",)
+    else:
+        overrides["GUNICORN_REUSE_PORT"] = setting
+
+    result = run_in_project(
+        ["-c", _PRINT_REUSE_PORT], unset=unset, PROXY_READ_DOTENV="off", **overrides
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def _listening_sockets(port: int) -> int:
+    """Count the IPv4 sockets in LISTEN state on `port`, from /proc/net/tcp."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and fields[3] == "0A":
+            count += 1
+    return count
+
+
+def test_gunicorn_workers_listen_on_own_sockets(tmp_path):
+    port = free_port()
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}",
+        "CACHE_URL": "locmemcache://",
+        "PROXY_READ_DOTENV": "off",
+        "GUNICORN_BIND": f"{HOST}:{port}",
+        "GUNICORN_THREADS": "2",
+        "WEB_CONCURRENCY": "2",
+    }
+    environment.pop("GUNICORN_REUSE_PORT", None)
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    process = subprocess.Popen(
+        [str(gunicorn), "-c", str(GUNICORN_CONFIG), "proxy_site.wsgi"],
+        cwd=PROJECT_ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Two workers of a small app listen within seconds.
+        deadline = time.monotonic() + 20
+        while _listening_sockets(port) < 2:
+            assert process.poll() is None, "gunicorn exited at start-up."
+            assert time.monotonic() < deadline, "The workers did not listen."
+            time.sleep(0.2)
+        # The kernel splits connections only between sockets of one group,
+        # so each worker has its own socket and none is left over.
+        assert _listening_sockets(port) == 2
+    finally:
+        process.terminate()
+        process.wait(timeout=SUBPROCESS_TIMEOUT)
