@@ -7,9 +7,12 @@ explains them and docs/benchmarks.md shows how the defaults were chosen.
 """
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import environ
+from gunicorn.util import is_ipv6
 
 # The proxy's settings read .env in each worker, after gunicorn has read this
 # file. Read it here too, so that the GUNICORN_* variables and
@@ -71,6 +74,59 @@ errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 # Pending connections the kernel queues before the workers accept them.
 backlog = _int("GUNICORN_BACKLOG", 2048)
+
+
+def on_starting(server) -> None:
+    """Check the final bind addresses before the workers open their sockets."""
+    _check_reuse_port(server)
+
+
+def on_reload(server) -> None:
+    """Check the bind addresses again, because SIGHUP reads this file again."""
+    _check_reuse_port(server)
+
+
+def _check_reuse_port(server) -> None:
+    """Turn reuse_port off where it cannot work, and exit on a port in use.
+
+    The bind can also come from --bind or GUNICORN_CMD_ARGS, which the check
+    of GUNICORN_BIND above does not see. With reuse_port the workers open
+    their sockets themselves. A worker that cannot bind exits and gunicorn
+    starts another, forever, so a port held by another program or a Unix
+    socket (where SO_REUSEPORT fails) left a server that served nothing.
+    """
+    config = server.cfg
+    if not config.reuse_port:
+        return
+    addresses = config.address
+    if any(not isinstance(address, tuple) or address[1] == 0 for address in addresses):
+        server.log.info(
+            "Sharing one listening socket: the bind is not a fixed TCP port."
+        )
+        config.set("reuse_port", False)
+        return
+    for host, port in addresses:
+        _exit_unless_bindable(server, host, port)
+
+
+def _exit_unless_bindable(server, host: str, port: int) -> None:
+    """Bind a throwaway socket to the address as the workers will, or exit 1."""
+    family = socket.AF_INET6 if is_ipv6(host) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            server.log.error(
+                "Cannot listen on %s port %s: %s. Stop the program that uses "
+                "the port, or set GUNICORN_BIND to a free one.",
+                host,
+                port,
+                exc.strerror or exc,
+            )
+            sys.exit(1)
+
 
 # gunicorn's control socket has one path per user, so a second instance on the
 # same host would take it over. The proxy does not use it.

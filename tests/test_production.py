@@ -383,3 +383,78 @@ def test_gunicorn_workers_listen_on_own_sockets(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=SUBPROCESS_TIMEOUT)
+
+
+def _gunicorn_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}",
+        "CACHE_URL": "locmemcache://",
+        "PROXY_READ_DOTENV": "off",
+        "GUNICORN_THREADS": "2",
+        "WEB_CONCURRENCY": "2",
+        **overrides,
+    }
+    environment.pop("GUNICORN_REUSE_PORT", None)
+    return environment
+
+
+def test_gunicorn_exits_when_port_is_taken(tmp_path):
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    # A plain listening socket, as another program would hold the port.
+    with socket.create_server((HOST, 0)) as taken:
+        port = taken.getsockname()[1]
+        environment = _gunicorn_environment(tmp_path, GUNICORN_BIND=f"{HOST}:{port}")
+        process = subprocess.Popen(
+            [str(gunicorn), "-c", str(GUNICORN_CONFIG), "proxy_site.wsgi"],
+            cwd=PROJECT_ROOT,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.communicate(timeout=SUBPROCESS_TIMEOUT)
+            pytest.fail("gunicorn kept running with its port held by another socket.")
+
+    assert process.returncode == 1
+    assert f"Cannot listen on {HOST} port {port}" in stderr
+
+
+def test_gunicorn_serves_unix_socket_from_command_line(tmp_path):
+    path = tmp_path / "proxy.sock"
+    environment = _gunicorn_environment(tmp_path)
+    environment.pop("GUNICORN_BIND", None)
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    command = [str(gunicorn), "-c", str(GUNICORN_CONFIG), "--bind", f"unix:{path}"]
+    process = subprocess.Popen(
+        [*command, "proxy_site.wsgi"],
+        cwd=PROJECT_ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Two workers of a small app respond within seconds.
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, "gunicorn exited at start-up."
+            assert time.monotonic() < deadline, "Nothing answered on the socket."
+            try:
+                with socket.socket(socket.AF_UNIX) as client:
+                    client.settimeout(5)
+                    client.connect(str(path))
+                    client.sendall(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                    reply = client.recv(4096)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.2)
+
+        assert reply.startswith(b"HTTP/1.0 200") or reply.startswith(b"HTTP/1.1 200")
+    finally:
+        process.terminate()
+        process.wait(timeout=SUBPROCESS_TIMEOUT)
