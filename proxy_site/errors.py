@@ -64,6 +64,16 @@ class RequestTimeout(ProxyError):
     error_type = "invalid_request_error"
 
 
+class UnreadableRequestBody(ProxyError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = (
+        "The connection failed before the whole request body arrived. "
+        "Send the request again."
+    )
+    default_code = "invalid_request"
+    error_type = "invalid_request_error"
+
+
 class UnencodableRequestBody(ProxyError):
     status_code = status.HTTP_400_BAD_REQUEST
     default_detail = (
@@ -341,6 +351,11 @@ def as_api_exception(exc: BaseException) -> exceptions.APIException | None:
             f"{settings.PROXY_REQUEST_BODY_TIMEOUT:g} seconds. Send the whole "
             "body right after the headers."
         )
+    if isinstance(exc, UnreadablePostError):
+        # The client reset or closed the connection while sending the body.
+        # It is most likely gone, but a 400 keeps the request out of the
+        # server errors in the log and the metrics.
+        return UnreadableRequestBody()
     if isinstance(exc, exceptions.APIException):
         return exc
     if isinstance(exc, DATABASE_OUTAGES):
@@ -372,6 +387,8 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
             type(exc).__name__,
             exc_info=exc,
         )
+    elif isinstance(exc, UnreadablePostError) and not _caused_by_timeout(exc):
+        logger.info("Reading the request body failed: %s", exc)
     exc = as_api_exception(exc)
     if exc is None:
         return None

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -105,3 +106,20 @@ def test_body_read_before_key_lookup(server_and_key):
     assert status == 408
     assert body["error"]["code"] == "request_timeout"
     assert time.monotonic() - started >= BODY_TIMEOUT
+
+
+def test_reset_during_body_is_not_server_error(server_and_key):
+    server, raw_key = server_and_key
+    client = send_head(server.port, raw_key)
+
+    with client:
+        client.sendall(BODY[:5])
+        # SO_LINGER with a zero timeout makes close() send a reset.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + RESPONSE_TIMEOUT
+    while "path=/generate-text/" not in server.output():
+        assert time.monotonic() < deadline, "The request was never logged."
+        time.sleep(0.1)
+
+    assert "status=400" in server.output()
+    assert "Internal Server Error" not in server.output()
