@@ -68,12 +68,17 @@ class KeyedAPIView(APIView):
             "CONTENT_LENGTH"
         ):
             raise LengthRequired()
-        # The body is read before the key is looked up, so that a client that
-        # stalls while sending it holds a worker thread (for at most
+        # A POST body is read before the key is looked up, so that a client
+        # that stalls while sending it holds a worker thread (for at most
         # PROXY_REQUEST_BODY_TIMEOUT) but no database connection. A body over
-        # the limit is left for the parser to reject without reading it.
+        # the limit is left for the parser to reject without reading it. No
+        # GET view reads a body, so a GET's is left unread, as before.
         declared = meta.get("CONTENT_LENGTH") or ""
-        if declared.isdigit() and 0 < int(declared) <= settings.PROXY_MAX_REQUEST_BYTES:
+        if (
+            request.method == "POST"
+            and declared.isdigit()
+            and 0 < int(declared) <= settings.PROXY_MAX_REQUEST_BYTES
+        ):
             request._request.body  # noqa: B018 (reads and keeps the body)
         super().initial(request, *args, **kwargs)
 

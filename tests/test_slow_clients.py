@@ -123,3 +123,26 @@ def test_reset_during_body_is_not_server_error(server_and_key):
 
     assert "status=400" in server.output()
     assert "Internal Server Error" not in server.output()
+
+
+def test_get_with_unsent_body_is_served(server_and_key):
+    # No GET view reads a body, so a declared one that never comes does not
+    # hold the request until the body timeout.
+    server, raw_key = server_and_key
+    client = socket.create_connection((HOST, server.port), timeout=RESPONSE_TIMEOUT)
+    head = (
+        "GET /v1/models HTTP/1.1\r\n"
+        f"Host: {HOST}\r\n"
+        f"Authorization: Bearer {raw_key}\r\n"
+        "Content-Length: 10\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    started = time.monotonic()
+
+    with client:
+        client.sendall(head.encode())
+        status, body = read_response(client)
+
+    assert status == 200
+    assert body["object"] == "list"
+    assert time.monotonic() - started < BODY_TIMEOUT
