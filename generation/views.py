@@ -13,7 +13,11 @@ from rest_framework.views import APIView
 from keys.authentication import APIKeyAuthentication, HasAPIKey
 from keys.ratelimits import enforce_key_rates, rate_limit_headers
 from proxy_site.error_views import method_not_allowed
-from proxy_site.errors import LengthRequired, RateLimitExceeded
+from proxy_site.errors import (
+    LengthRequired,
+    RateLimitExceeded,
+    UnreadableRequestBody,
+)
 
 from .parsers import LimitedJSONParser
 from .schema import GENERATE_TEXT_RESPONSE, error_responses
@@ -79,7 +83,15 @@ class KeyedAPIView(APIView):
             and declared.isdigit()
             and 0 < int(declared) <= settings.PROXY_MAX_REQUEST_BYTES
         ):
-            request._request.body  # noqa: B018 (reads and keeps the body)
+            body = request._request.body
+            if len(body) < int(declared):
+                # The client closed its side before sending Content-Length
+                # bytes. The part that came may still parse as JSON.
+                raise UnreadableRequestBody(
+                    f"The request body ended after {len(body)} of the "
+                    f"{declared} bytes that Content-Length declared. Send the "
+                    "whole body."
+                )
         super().initial(request, *args, **kwargs)
 
     def start(self, request: Request, endpoint: str) -> UsageTracker:

@@ -146,3 +146,20 @@ def test_get_with_unsent_body_is_served(server_and_key):
     assert status == 200
     assert body["object"] == "list"
     assert time.monotonic() - started < BODY_TIMEOUT
+
+
+def test_body_shorter_than_declared_is_rejected(server_and_key):
+    server, raw_key = server_and_key
+    client = send_head(server.port, raw_key)
+    # Valid JSON, but shorter than the Content-Length of the full body.
+    short = json.dumps({"prompt": "hi"}).encode()
+    assert len(short) < len(BODY)
+
+    with client:
+        client.sendall(short)
+        client.shutdown(socket.SHUT_WR)
+        status, body = read_response(client)
+
+    assert status == 400
+    assert body["error"]["code"] == "invalid_request"
+    assert f"after {len(short)} of the {len(BODY)} bytes" in body["error"]["message"]
