@@ -107,6 +107,11 @@ def _check_reuse_port(server) -> None:
         return
     for host, port in addresses:
         _exit_unless_bindable(server, host, port)
+    # gunicorn's own start-up line shows no address when the workers bind.
+    server.log.info(
+        "Each worker listens on its own socket (SO_REUSEPORT) at %s.",
+        ", ".join(f"{host}:{port}" for host, port in addresses),
+    )
 
 
 def _exit_unless_bindable(server, host: str, port: int) -> None:
