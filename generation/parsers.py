@@ -77,9 +77,9 @@ def _plain_parse_error(error: ParseError, parser_context: dict | None) -> ParseE
     """Return `error`, or a clearer one where Python's message names its internals.
 
     DRF puts the decoder's message in the detail. For a body that is not
-    valid in its charset, and for a number too long to convert, that
-    message is about Python's codecs or sys.set_int_max_str_digits(),
-    which a client cannot act on.
+    valid in its charset, one that starts with a byte order mark, and a
+    number too long to convert, that message is about Python's codecs,
+    utf-8-sig or sys.set_int_max_str_digits(), which a client cannot act on.
     """
     cause = error.__context__
     if isinstance(cause, UnicodeDecodeError):
@@ -93,6 +93,19 @@ def _plain_parse_error(error: ParseError, parser_context: dict | None) -> ParseE
         return ParseError(
             "JSON parse error - a number has more than "
             f"{sys.get_int_max_str_digits()} digits."
+        )
+    if isinstance(cause, ValueError) and str(cause).startswith("Unexpected UTF-8 BOM"):
+        return ParseError(
+            "JSON parse error - the body starts with a UTF-8 byte order mark. "
+            "Send the JSON without it."
+        )
+    if type(cause) is UnicodeError:
+        # The UTF-16 and UTF-32 codecs raise plain UnicodeError for a body
+        # without a byte order mark.
+        encoding = (parser_context or {}).get("encoding") or "utf-8"
+        return ParseError(
+            f"JSON parse error - the body is not valid {encoding}. Send the "
+            "body as UTF-8."
         )
     return error
 

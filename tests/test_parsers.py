@@ -210,3 +210,36 @@ def test_overlong_number_message(api_client, upstream):
     assert error["code"] == "invalid_json"
     assert "sys." not in error["message"]
     assert error["message"] == "JSON parse error - a number has more than 4300 digits."
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        pytest.param(
+            b'\xef\xbb\xbf{"prompt": "hi"}',
+            "application/json",
+            "JSON parse error - the body starts with a UTF-8 byte order mark. "
+            "Send the JSON without it.",
+            id="utf-8-bom",
+        ),
+        pytest.param(
+            '{"prompt": "hi"}'.encode("utf-16-le"),
+            "application/json; charset=utf-16",
+            "JSON parse error - the body is not valid utf-16. Send the body as UTF-8.",
+            id="utf-16-without-bom",
+        ),
+    ],
+)
+def test_undecodable_body_message(api_client, upstream, body, content_type, message):
+    _, raw_key = make_key()
+    response = api_client.post(
+        "/generate-text/",
+        data=body,
+        content_type=content_type,
+        headers={"x-api-key": raw_key},
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "invalid_json"
+    assert error["message"] == message
