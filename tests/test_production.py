@@ -349,42 +349,6 @@ def _listening_sockets(port: int) -> int:
     return count
 
 
-def test_gunicorn_workers_listen_on_own_sockets(tmp_path):
-    port = free_port()
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}",
-        "CACHE_URL": "locmemcache://",
-        "PROXY_READ_DOTENV": "off",
-        "GUNICORN_BIND": f"{HOST}:{port}",
-        "GUNICORN_THREADS": "2",
-        "WEB_CONCURRENCY": "2",
-    }
-    environment.pop("GUNICORN_REUSE_PORT", None)
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    process = subprocess.Popen(
-        [str(gunicorn), "-c", str(GUNICORN_CONFIG), "proxy_site.wsgi"],
-        cwd=PROJECT_ROOT,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        # Two workers of a small app listen within seconds.
-        deadline = time.monotonic() + 20
-        while _listening_sockets(port) < 2:
-            assert process.poll() is None, "gunicorn exited at start-up."
-            assert time.monotonic() < deadline, "The workers did not listen."
-            time.sleep(0.2)
-        # The kernel splits connections only between sockets of one group,
-        # so each worker has its own socket and none is left over.
-        assert _listening_sockets(port) == 2
-    finally:
-        process.terminate()
-        process.wait(timeout=SUBPROCESS_TIMEOUT)
-
-
 def _gunicorn_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
     environment = {
         **os.environ,
@@ -398,6 +362,37 @@ def _gunicorn_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
     }
     environment.pop("GUNICORN_REUSE_PORT", None)
     return environment
+
+
+def _start_gunicorn(environment: dict[str, str], *options: str) -> subprocess.Popen:
+    """Start gunicorn with gunicorn.conf.py, its output discarded."""
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    return subprocess.Popen(
+        [str(gunicorn), "-c", str(GUNICORN_CONFIG), *options, "proxy_site.wsgi"],
+        cwd=PROJECT_ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_gunicorn_workers_listen_on_own_sockets(tmp_path):
+    port = free_port()
+    environment = _gunicorn_environment(tmp_path, GUNICORN_BIND=f"{HOST}:{port}")
+    process = _start_gunicorn(environment)
+    try:
+        # Two workers of a small app listen within seconds.
+        deadline = time.monotonic() + 20
+        while _listening_sockets(port) < 2:
+            assert process.poll() is None, "gunicorn exited at start-up."
+            assert time.monotonic() < deadline, "The workers did not listen."
+            time.sleep(0.2)
+        # The kernel splits connections only between sockets of one group,
+        # so each worker has its own socket and none is left over.
+        assert _listening_sockets(port) == 2
+    finally:
+        process.terminate()
+        process.wait(timeout=SUBPROCESS_TIMEOUT)
 
 
 def test_gunicorn_exits_when_port_is_taken(tmp_path):
@@ -429,15 +424,7 @@ def test_gunicorn_serves_unix_socket_from_command_line(tmp_path):
     path = tmp_path / "proxy.sock"
     environment = _gunicorn_environment(tmp_path)
     environment.pop("GUNICORN_BIND", None)
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    command = [str(gunicorn), "-c", str(GUNICORN_CONFIG), "--bind", f"unix:{path}"]
-    process = subprocess.Popen(
-        [*command, "proxy_site.wsgi"],
-        cwd=PROJECT_ROOT,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = _start_gunicorn(environment, "--bind", f"unix:{path}")
     try:
         # Two workers of a small app respond within seconds.
         deadline = time.monotonic() + 20
