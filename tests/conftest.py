@@ -32,6 +32,21 @@ def pytest_sessionstart(session) -> None:
         )
 
 
+@pytest.fixture
+def postgresql() -> None:
+    """Skip unless the database is PostgreSQL.
+
+    With PROXY_REQUIRE_SERVICES=1 the test fails instead of skipping.
+    """
+    engine = settings.DATABASES["default"]["ENGINE"]
+    if engine == "django.db.backends.postgresql":
+        return
+    reason = f"Needs PostgreSQL, but the settings use {engine}."
+    if os.environ.get("PROXY_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} PROXY_REQUIRE_SERVICES=1 forbids skipping.")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def _upstream_server():
     with FakeUpstream() as server:

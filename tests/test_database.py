@@ -1,13 +1,11 @@
 """PostgreSQL connection options: statement timeout and TCP keepalives."""
 
 import json
-import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
@@ -134,21 +132,6 @@ def test_fraction_of_millisecond_still_limits():
 def test_invalid_option_raises(options, statement_timeout, message):
     with pytest.raises(ImproperlyConfigured, match=message):
         _options(options, statement_timeout=statement_timeout)
-
-
-@pytest.fixture
-def postgresql() -> None:
-    """Skip unless the database is PostgreSQL.
-
-    With PROXY_REQUIRE_SERVICES=1 the test fails instead of skipping.
-    """
-    engine = settings.DATABASES["default"]["ENGINE"]
-    if engine == "django.db.backends.postgresql":
-        return
-    reason = f"Needs PostgreSQL, but the settings use {engine}."
-    if os.environ.get("PROXY_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{reason} PROXY_REQUIRE_SERVICES=1 forbids skipping.")
-    pytest.skip(reason)
 
 
 # Prints the parameters and server setting of the connection that a query

@@ -8,12 +8,10 @@ reads the key's row on every request and caches nothing.
 import datetime
 import http.client
 import json
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 import time_machine
-from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
@@ -190,24 +188,12 @@ def test_rotation_keeps_rate_limit_count(api_client, upstream):
 
 
 @pytest.fixture
-def postgresql() -> None:
-    """Skip unless the database is PostgreSQL, which server processes can share.
-
-    The SQLite test database is in memory, so other processes cannot see it.
-    With PROXY_REQUIRE_SERVICES=1 the test fails instead of skipping.
-    """
-    engine = settings.DATABASES["default"]["ENGINE"]
-    if engine == "django.db.backends.postgresql":
-        return
-    reason = f"Server processes need PostgreSQL, but the settings use {engine}."
-    if os.environ.get("PROXY_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{reason} PROXY_REQUIRE_SERVICES=1 forbids skipping.")
-    pytest.skip(reason)
-
-
-@pytest.fixture
 def two_servers(postgresql, transactional_db, upstream) -> Iterator[list[int]]:
-    """Ports of two proxy processes on the test database and the fake upstream."""
+    """Ports of two proxy processes on the test database and the fake upstream.
+
+    The SQLite test database is in memory, where other processes cannot see
+    it, so the servers need PostgreSQL.
+    """
     environment = shared_environment(upstream.base_url)
     servers = [ProxyServer(environment, threads=2) for _ in range(2)]
     try:
