@@ -72,27 +72,33 @@ class KeyedAPIView(APIView):
             "CONTENT_LENGTH"
         ):
             raise LengthRequired()
-        # A POST body is read before the key is looked up, so that a client
-        # that stalls while sending it holds a worker thread (for at most
-        # PROXY_REQUEST_BODY_TIMEOUT) but no database connection. A body over
-        # the limit is left for the parser to reject without reading it. No
-        # GET view reads a body, so a GET's is left unread, as before.
-        declared = meta.get("CONTENT_LENGTH") or ""
-        if (
+        self._read_post_body(request)
+        super().initial(request, *args, **kwargs)
+
+    def _read_post_body(self, request: Request) -> None:
+        """Read a POST body now, before the key is looked up.
+
+        A client that stalls while sending its body then holds a worker
+        thread, each wait bounded by PROXY_REQUEST_BODY_TIMEOUT, but no
+        database connection. A body over the limit is left for the parser to
+        reject without reading it. No GET view reads a body, so a GET's stays
+        unread.
+        """
+        declared = request.META.get("CONTENT_LENGTH") or ""
+        if not (
             request.method == "POST"
             and declared.isdigit()
             and 0 < int(declared) <= settings.PROXY_MAX_REQUEST_BYTES
         ):
-            body = request._request.body
-            if len(body) < int(declared):
-                # The client closed its side before sending Content-Length
-                # bytes. The part that came may still parse as JSON.
-                raise UnreadableRequestBody(
-                    f"The request body ended after {len(body)} of the "
-                    f"{declared} bytes that Content-Length declared. Send the "
-                    "whole body."
-                )
-        super().initial(request, *args, **kwargs)
+            return
+        body = request._request.body
+        if len(body) < int(declared):
+            # The client closed its side before sending Content-Length bytes.
+            # The part that came may still parse as JSON.
+            raise UnreadableRequestBody(
+                f"The request body ended after {len(body)} of the {declared} "
+                "bytes that Content-Length declared. Send the whole body."
+            )
 
     def start(self, request: Request, endpoint: str) -> UsageTracker:
         api_key = request.auth
