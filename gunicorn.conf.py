@@ -6,6 +6,7 @@ changed by the environment variable named beside it; docs/production.md
 explains them and docs/benchmarks.md shows how the defaults were chosen.
 """
 
+import math
 import os
 import socket
 import sys
@@ -23,11 +24,28 @@ if environ.Env().bool("PROXY_READ_DOTENV", default=True):
 
 
 def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
+    raw = os.environ.get(name) or ""
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}.") from None
 
 
 def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
+    raw = os.environ.get(name) or ""
+    if not raw:
+        return default
+    try:
+        number = float(raw)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(
+            f"{name} must be a plain number such as 30 or 2.5, not {raw!r}."
+        )
+    return number
 
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")

@@ -158,6 +158,23 @@ def test_gunicorn_timeouts_exceed_upstream_timeout(monkeypatch, upstream_timeout
     assert config["graceful_timeout"] > upstream_timeout
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("GUNICORN_THREADS", "abc", "GUNICORN_THREADS must be a whole number"),
+        ("WEB_CONCURRENCY", "2.5", "WEB_CONCURRENCY must be a whole number"),
+        ("PROXY_UPSTREAM_TIMEOUT", "1m", "PROXY_UPSTREAM_TIMEOUT must be a plain"),
+        ("PROXY_UPSTREAM_TIMEOUT", "nan", "PROXY_UPSTREAM_TIMEOUT must be a plain"),
+    ],
+    ids=["threads-word", "workers-fraction", "timeout-unit", "timeout-nan"],
+)
+def test_gunicorn_config_names_invalid_variable(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+
+    with pytest.raises(ValueError, match=message):
+        runpy.run_path(str(GUNICORN_CONFIG))
+
+
 # Loads the gunicorn configuration at the path given and prints two values.
 _PRINT_GUNICORN_CONFIG = """
 import runpy
