@@ -37,6 +37,17 @@ class _Env(environ.Env):
         """
         return self.get_value(var, cast=_parse_finite_float, default=default)
 
+    def int(self, var, default=environ.Env.NOTSET):
+        """Read `var` as a whole number, naming that form when it is not one."""
+        return self.get_value(var, cast=_parse_int, default=default)
+
+
+def _parse_int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("expected a whole number such as 10") from None
+
 
 def _parse_finite_float(value: str) -> float:
     try:

@@ -78,6 +78,12 @@ CLOSED_POSTGRES_URL = "postgres://postgres@127.0.0.1:1/proxy"
             id="statement-timeout-not-a-number",
         ),
         pytest.param(
+            {"DATABASE_URL": CLOSED_POSTGRES_URL, "DATABASE_CONNECT_TIMEOUT": "1.5"},
+            "DATABASE_CONNECT_TIMEOUT has an invalid value '1.5': expected a whole "
+            "number",
+            id="connect-timeout-fraction",
+        ),
+        pytest.param(
             {"DATABASE_URL": CLOSED_POSTGRES_URL + "?keepalives_idle=soon"},
             "option keepalives_idle is 'soon', which",
             id="keepalive-not-a-number",
