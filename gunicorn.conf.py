@@ -15,16 +15,27 @@ from pathlib import Path
 import environ
 from gunicorn.util import is_ipv6
 
+
+class _DotEnv(environ.Env):
+    """The variables of .env, kept apart from os.environ."""
+
+    ENVIRON: dict[str, str] = {}
+
+
 # The proxy's settings read .env in each worker, after gunicorn has read this
 # file. Read it here too, so that the GUNICORN_* variables and
 # PROXY_UPSTREAM_TIMEOUT in .env apply to gunicorn. The environment wins, as
-# it does in the settings.
+# it does in the settings. The values stay out of os.environ: workers inherit
+# the master's environment, which wins over .env, so an edit of .env would
+# not reach the workers that a reload (SIGHUP) starts.
 if environ.Env().bool("PROXY_READ_DOTENV", default=True):
-    environ.Env.read_env(Path(__file__).resolve().parent / ".env", overwrite=False)
+    _DotEnv.read_env(Path(__file__).resolve().parent / ".env")
+_variables = environ.Env()
+_variables.ENVIRON = {**_DotEnv.ENVIRON, **os.environ}
 
 
 def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name) or ""
+    raw = _variables.ENVIRON.get(name) or ""
     if not raw:
         return default
     try:
@@ -34,7 +45,7 @@ def _int(name: str, default: int) -> int:
 
 
 def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name) or ""
+    raw = _variables.ENVIRON.get(name) or ""
     if not raw:
         return default
     try:
@@ -48,21 +59,21 @@ def _float(name: str, default: float) -> float:
     return number
 
 
-bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+bind = _variables.ENVIRON.get("GUNICORN_BIND", "127.0.0.1:8000")
 # Each worker listens on its own socket with SO_REUSEPORT, so the kernel
 # assigns new connections to the workers by a hash of their addresses. With
 # one shared socket, whichever worker was free first accepted them. In the
 # benchmark one worker of two took 399 of 500 keep-alive connections, more
 # than its threads, so calls queued behind others. A Unix socket path cannot be shared
 # this way, and with port 0 each worker would get a different port.
-reuse_port = environ.Env().bool("GUNICORN_REUSE_PORT", default=True) and not (
+reuse_port = _variables.bool("GUNICORN_REUSE_PORT", default=True) and not (
     bind.startswith("unix:") or bind.endswith(":0")
 )
 
 # gthread runs each request in a thread of a pool, so a worker serves
 # `threads` upstream calls at once, because a thread that waits on a socket
 # releases the GIL. docs/benchmarks.md compares it with gevent and uvicorn.
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+worker_class = _variables.ENVIRON.get("GUNICORN_WORKER_CLASS", "gthread")
 # One process per core: the proxy's own work is CPU-bound Python.
 workers = _int("WEB_CONCURRENCY", os.cpu_count() or 1)
 # Requests each worker serves at once. A request gives its pooled database
@@ -89,7 +100,7 @@ keepalive = _int("GUNICORN_KEEPALIVE", 75)
 # The proxy writes one access line per request itself, with the request id.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+loglevel = _variables.ENVIRON.get("GUNICORN_LOG_LEVEL", "info")
 # Pending connections the kernel queues before the workers accept them.
 backlog = _int("GUNICORN_BACKLOG", 2048)
 

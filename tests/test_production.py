@@ -205,6 +205,43 @@ def test_gunicorn_config_reads_dotenv(tmp_path):
     assert bind == "127.0.0.1:9002"
 
 
+# Loads the gunicorn configuration twice, as a reload (SIGHUP) does, with
+# .env edited in between. Prints the bind of each load, then the
+# PROXY_MAX_REQUEST_BYTES that workers forked afterwards would inherit.
+_RELOAD_GUNICORN_CONFIG = """
+import os
+import runpy
+import sys
+from pathlib import Path
+
+config_path = Path(sys.argv[1])
+dotenv = config_path.parent / ".env"
+dotenv.write_text("GUNICORN_BIND=127.0.0.1:9001\\nPROXY_MAX_REQUEST_BYTES=100\\n")
+first = runpy.run_path(str(config_path))
+dotenv.write_text("GUNICORN_BIND=127.0.0.1:9002\\n")
+second = runpy.run_path(str(config_path))
+print(first["bind"], second["bind"], os.environ.get("PROXY_MAX_REQUEST_BYTES"))
+"""
+
+
+def test_gunicorn_reload_reads_edited_dotenv(tmp_path):
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(GUNICORN_CONFIG.read_text())
+
+    result = run_in_project(
+        ["-c", _RELOAD_GUNICORN_CONFIG, str(config)],
+        unset=("PROXY_READ_DOTENV", "GUNICORN_BIND", "PROXY_MAX_REQUEST_BYTES"),
+    )
+
+    assert result.returncode == 0, result.stderr
+    first_bind, second_bind, inherited_limit = result.stdout.split()
+    assert first_bind == "127.0.0.1:9001"
+    assert second_bind == "127.0.0.1:9002"
+    # Workers read .env themselves. A value copied into the master's
+    # environment would win over .env in every later worker.
+    assert inherited_limit == "None"
+
+
 def test_gunicorn_serves_many_requests_per_worker(monkeypatch):
     for name in ("GUNICORN_WORKER_CLASS", "GUNICORN_THREADS"):
         monkeypatch.delenv(name, raising=False)
