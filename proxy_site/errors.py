@@ -135,8 +135,8 @@ class LimitsUnavailable(ProxyError):
 class DatabaseUnavailable(ProxyError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = (
-        "The proxy cannot reach its database right now, so it is not serving "
-        "requests. Try again shortly."
+        "The proxy's database is unreachable or did not answer in time, so "
+        "the request was not served. Try again shortly."
     )
     default_code = "database_unavailable"
 
