@@ -275,8 +275,9 @@ if PROXY_UPSTREAM_MAX_RETRIES < 0:
         "PROXY_UPSTREAM_MAX_RETRIES must be 0 or more, not "
         f"{PROXY_UPSTREAM_MAX_RETRIES}."
     )
-# A socket timeout past about 3e10 s overflows the platform's time_t and would
-# fail every request with a body, so the limit is kept far below that.
+# A socket timeout past about 9.2e9 s (Python's clock counts nanoseconds in 64
+# bits) raises OverflowError and would fail every request with a body, so the
+# limit is kept far below that.
 if PROXY_REQUEST_BODY_TIMEOUT > 3600:
     raise ImproperlyConfigured(
         f"PROXY_REQUEST_BODY_TIMEOUT must be at most 3600 seconds, not "
