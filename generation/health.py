@@ -11,6 +11,7 @@ from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
 
 from proxy_site.error_views import method_not_allowed
+from proxy_site.errors import error_body
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ def readyz(request: HttpRequest) -> JsonResponse:
         # The error envelope gives the 503 a code, which the access log and
         # the refusal metrics report.
         failed = " and ".join(name for name, result in checks.items() if result != "ok")
-        body["error"] = {
-            "message": f"The proxy is not ready: the {failed} check failed.",
-            "type": "server_error",
-            "param": None,
-            "code": "not_ready",
-        }
+        body.update(
+            error_body(
+                f"The proxy is not ready: the {failed} check failed.",
+                code="not_ready",
+                error_type="server_error",
+            )
+        )
     return JsonResponse(body, status=200 if ready else 503)
