@@ -418,15 +418,18 @@ def _gunicorn_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return environment
 
 
-def _start_gunicorn(environment: dict[str, str], *options: str) -> subprocess.Popen:
-    """Start gunicorn with gunicorn.conf.py, its output discarded."""
+def _start_gunicorn(
+    environment: dict[str, str], *options: str, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen:
+    """Start gunicorn with gunicorn.conf.py; its standard output is discarded."""
     gunicorn = Path(sys.executable).with_name("gunicorn")
     return subprocess.Popen(
         [str(gunicorn), "-c", str(GUNICORN_CONFIG), *options, "proxy_site.wsgi"],
         cwd=PROJECT_ROOT,
         env=environment,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
     )
 
 
@@ -450,19 +453,11 @@ def test_gunicorn_workers_listen_on_own_sockets(tmp_path):
 
 
 def test_gunicorn_exits_when_port_is_taken(tmp_path):
-    gunicorn = Path(sys.executable).with_name("gunicorn")
     # A plain listening socket, as another program would hold the port.
     with socket.create_server((HOST, 0)) as taken:
         port = taken.getsockname()[1]
         environment = _gunicorn_environment(tmp_path, GUNICORN_BIND=f"{HOST}:{port}")
-        process = subprocess.Popen(
-            [str(gunicorn), "-c", str(GUNICORN_CONFIG), "proxy_site.wsgi"],
-            cwd=PROJECT_ROOT,
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = _start_gunicorn(environment, stderr=subprocess.PIPE)
         try:
             _, stderr = process.communicate(timeout=20)
         except subprocess.TimeoutExpired:

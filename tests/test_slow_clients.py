@@ -64,18 +64,27 @@ def read_response(client: socket.socket) -> tuple[int, dict]:
     return status, json.loads(body)
 
 
-def test_stalled_body_gets_408(server_and_key):
-    server, raw_key = server_and_key
-    client = send_head(server.port, raw_key)
-    started = time.monotonic()
+def send_stalled_body(port: int, raw_key: str) -> tuple[int, dict, float]:
+    """Send the headers and 5 bytes of the body, then wait for the response.
 
+    Returns the status, the JSON body and the seconds the response took.
+    """
+    client = send_head(port, raw_key)
+    started = time.monotonic()
     with client:
         client.sendall(BODY[:5])
         status, body = read_response(client)
+    return status, body, time.monotonic() - started
+
+
+def test_stalled_body_gets_408(server_and_key):
+    server, raw_key = server_and_key
+
+    status, body, elapsed = send_stalled_body(server.port, raw_key)
 
     assert status == 408
     assert body["error"]["code"] == "request_timeout"
-    assert time.monotonic() - started < BODY_TIMEOUT + 5
+    assert elapsed < BODY_TIMEOUT + 5
 
 
 def test_slow_body_within_timeout_succeeds(server_and_key):
@@ -96,16 +105,12 @@ def test_body_read_before_key_lookup(server_and_key):
     # With the body read first, a stalled body holds no database connection
     # for the key lookup. A wrong key would otherwise get its 403 at once.
     server, _ = server_and_key
-    client = send_head(server.port, "sk-not-a-real-key")
-    started = time.monotonic()
 
-    with client:
-        client.sendall(BODY[:5])
-        status, body = read_response(client)
+    status, body, elapsed = send_stalled_body(server.port, "sk-not-a-real-key")
 
     assert status == 408
     assert body["error"]["code"] == "request_timeout"
-    assert time.monotonic() - started >= BODY_TIMEOUT
+    assert elapsed >= BODY_TIMEOUT
 
 
 def test_reset_during_body_is_not_server_error(server_and_key):
