@@ -241,10 +241,10 @@ def goal_rows(data: dict) -> list[str]:
         long_run, clients = proxy["long"], proxy["long"].clients
         delay = data["long_delay_seconds"]
         held = proxy["long_peak_in_flight"]
-        # Held without queueing: nearly every client's call waits at the
-        # upstream at the same time (each client also spends a few
-        # milliseconds in the proxy around its call), and the median call
-        # takes the upstream's delay plus at most 0.1 s.
+        # Held without queueing means two things. Nearly every client's call
+        # waits at the upstream at the same time, since each client also
+        # spends a few milliseconds in the proxy around its call. And the
+        # median call takes the upstream's delay plus at most 0.1 s.
         goals.append(
             (
                 f"{clients} upstream calls held at once, no queueing "

@@ -47,7 +47,7 @@ UPSTREAM_CONNECTION_LIMITS = httpx2.Limits(
 )
 # Used when a rate-limited upstream sends no Retry-After of its own.
 DEFAULT_UPSTREAM_RETRY_AFTER = 1.0
-# The longest upstream Retry-After passed on, in seconds. A longer one (or a
+# The maximum upstream Retry-After passed on, in seconds. A longer one (or a
 # garbled huge number) would have clients wait far past any real reset, so
 # they are told to try again in an hour, when the upstream can say more.
 MAX_UPSTREAM_RETRY_AFTER = 3600.0
